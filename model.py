@@ -1,0 +1,686 @@
+"""LLaMA-2 / Orca 2 in one file: the network, packed attention, batched generation, and checkpoint I/O.
+
+Run it:
+    python model.py                                              # tiny demo: initial loss ~ ln(vocab), short generation
+    python model.py convert SRC DST --dtype bfloat16 --max_shard_size 5GB   # .bin/safetensors folder -> safetensors
+
+Use it:
+    model = Transformer.from_pretrained("Orca-2-7b", dtype=torch.bfloat16)   # the released folder, unchanged
+    logits = model(input_ids, position_ids)                                   # packed rows: docs start where pos == 0
+    new_tokens = model.generate([[1, ...], [1, ...]], max_new_tokens=256)
+
+Notable features:
+- RMSNorm (pre-norm), rotary embeddings in the rotate-half form of the released checkpoints (no weight permutes),
+  grouped-query attention (LLaMA-2-70B), SwiGLU feed-forward, untied input/output embeddings, no biases.
+- Parameter names are exactly the Hugging Face `LlamaForCausalLM` names, so loading is a strict load_state_dict.
+- Packed sequences: attention never crosses a document boundary, and its cost is sum(L_i^2), not T^2
+  (documents of equal length are batched into one attention call). A dense block-diagonal mask path is kept
+  as the reference.
+- Reads config.json (old and new layouts), safetensors (single or sharded) and the release's fp32 PyTorch .bin
+  shards with safe unpickling (weights_only, mmap); tensors are cast one at a time into a meta-built model.
+
+Notation for shape comments: B batch, T sequence length, S cache length, C model dim, nh query heads,
+nkv key/value heads, hd head dim, V vocabulary, N documents of one length L.
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+# ---- config ----
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096            # model (residual stream) width
+    n_layers: int = 32         # transformer blocks
+    n_heads: int = 32          # query heads
+    n_kv_heads: int = 32       # key/value heads; < n_heads is grouped-query attention
+    vocab_size: int = 32000    # rows of the embedding and of the output matrix
+    hidden_dim: int = 11008    # SwiGLU inner width (HF "intermediate_size")
+    norm_eps: float = 1e-5     # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base
+    max_seq_len: int = 4096    # context length the model was trained for (HF "max_position_embeddings")
+
+    def __post_init__(self):
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"dim ({self.dim}) must divide by n_heads ({self.n_heads}) and n_heads by n_kv_heads ({self.n_kv_heads})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelArgs":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**PRESETS[name])
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict, where: str = "config.json") -> "ModelArgs":
+        """Read a Hugging Face LLaMA config.json (old top-level rope_theta or new nested rope_parameters)."""
+        if cfg.get("model_type", "llama") != "llama":
+            raise ValueError(f"{where}: model_type is {cfg.get('model_type')!r}, only 'llama' is supported")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (LLaMA uses 'silu')")
+        for key in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+            if cfg.get(key):
+                raise ValueError(f"{where}: {key}=true is not supported (LLaMA-2 has no biases and untied embeddings)")
+        rope = cfg.get("rope_parameters") or {}
+        scaling = cfg.get("rope_scaling")
+        rope_type = rope.get("rope_type") or (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+        if rope_type != "default":
+            raise ValueError(f"{where}: rope scaling {rope_type!r} is not implemented; only plain RoPE (LLaMA-2) is")
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        try:
+            args = cls(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+                       n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+                       vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"],
+                       norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+                       max_seq_len=cfg.get("max_position_embeddings", 4096))
+        except KeyError as e:
+            raise ValueError(f"{where}: missing key {e.args[0]!r}") from None
+        if cfg.get("head_dim", args.head_dim) != args.head_dim:
+            raise ValueError(f"{where}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads = {args.head_dim}")
+        return args
+
+    def to_hf_config(self, dtype: torch.dtype = torch.float32) -> dict:
+        """The config.json that the reference implementation and from_pretrained both read."""
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+                "hidden_size": self.dim, "intermediate_size": self.hidden_dim, "num_hidden_layers": self.n_layers,
+                "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
+                "vocab_size": self.vocab_size, "max_position_embeddings": self.max_seq_len,
+                "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta, "rope_scaling": None,
+                "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+                "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": str(dtype).removeprefix("torch.")}
+
+
+_7B = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008)
+_13B = dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, hidden_dim=13824)
+PRESETS = {
+    "llama2-7b": dict(_7B, vocab_size=32000),
+    "llama2-13b": dict(_13B, vocab_size=32000),
+    "llama2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672, vocab_size=32000),
+    "orca2-7b": dict(_7B, vocab_size=32003),   # LLaMA-2's 32000 + [PAD], <|im_start|>, <|im_end|>
+    "orca2-13b": dict(_13B, vocab_size=32003),
+    # CPU-sized, same tokenizer and vocabulary as Orca 2 so the real data and template work unchanged.
+    "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=352, vocab_size=32003, max_seq_len=1024),
+}
+
+# ---- modules ----
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the gain, exactly as the reference does (matters in bf16).
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin of shape (B, T, hd) for the rotate-half convention; computed in fp32 from the positions."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Rotate-half: pairs are (i, i + hd/2), which is how the released checkpoints' q/k weights are laid out.
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)  # (B, nh, T, hd)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Grouped-query attention: KV head j serves query heads j*n_rep ... j*n_rep + n_rep - 1."""
+    if n_rep == 1:
+        return x
+    B, nkv, T, hd = x.shape
+    return x[:, :, None].expand(B, nkv, n_rep, T, hd).reshape(B, nkv * n_rep, T, hd)  # (B, nh, T, hd)
+
+
+class DocLayout:
+    """Where the documents of a packed batch lie, computed once per forward and shared by every layer.
+
+    A document starts wherever position_ids is 0 (and at the start of each row). Documents of equal length L
+    are gathered into one (N, L) index so attention runs one call per distinct length: cost sum(L_i^2)."""
+
+    def __init__(self, position_ids: torch.Tensor):
+        B, T = position_ids.shape
+        pos = position_ids.reshape(-1)
+        is_start = pos == 0
+        is_start[:: T] = True  # every row starts a document
+        starts = is_start.nonzero().squeeze(1)
+        lengths = torch.diff(starts, append=torch.tensor([B * T], device=pos.device))
+        # Within a document the positions must count 0, 1, 2, ...: anything else is a broken packing.
+        doc_start = torch.repeat_interleave(starts, lengths)
+        expected = torch.arange(B * T, device=pos.device) - doc_start
+        if not torch.equal(pos, expected):
+            bad = (pos != expected).nonzero()[0].item()
+            raise ValueError(f"position_ids must restart at 0 for each document and count up by 1 within it; "
+                             f"row {bad // T}, column {bad % T} has {pos[bad].item()}, expected {expected[bad].item()}")
+        self.groups = []  # list of (N, L) flat token indices into the (B*T) tokens
+        for L in torch.unique(lengths).tolist():
+            s = starts[lengths == L]
+            self.groups.append(s[:, None] + torch.arange(L, device=pos.device))  # (N, L)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, layout: DocLayout | None = None, mask: torch.Tensor | None = None,
+                cache: "KVCache | None" = None, cache_pos: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(cache_pos, k, v)  # (B, nkv, S, hd): everything written so far
+        n_rep = self.n_heads // self.n_kv_heads
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, nh, S, hd)
+        if layout is not None:
+            y = packed_attention(q, k, v, layout)
+        elif mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.o_proj(y)
+
+
+def packed_attention(q, k, v, layout: DocLayout) -> torch.Tensor:
+    """Causal attention inside each document only; one SDPA call per distinct document length."""
+    B, nh, T, hd = q.shape
+    q, k, v = (t.transpose(1, 2).reshape(B * T, nh, hd) for t in (q, k, v))  # (B*T, nh, hd)
+    out = torch.empty_like(q)
+    for idx in layout.groups:
+        N, L = idx.shape
+        flat = idx.reshape(-1)
+        qi, ki, vi = (t[flat].view(N, L, nh, hd).transpose(1, 2) for t in (q, k, v))  # (N, nh, L, hd)
+        yi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True)  # (N, nh, L, hd)
+        out = out.index_copy(0, flat, yi.transpose(1, 2).reshape(N * L, nh, hd))
+    return out.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = FeedForward(args)
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        # Activation checkpointing is a flag, not a wrapper module, so parameter names never change.
+        self.checkpoint = False
+
+    def _forward(self, x, cos, sin, layout=None, mask=None, cache=None, cache_pos=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, mask, cache, cache_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward(self, x, cos, sin, layout=None, mask=None, cache=None, cache_pos=0):
+        if self.checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, layout, mask, use_reentrant=False)
+        return self._forward(x, cos, sin, layout, mask, cache, cache_pos)
+
+
+class KVCache:
+    """Static key/value cache of one layer, sized to the batch and the longest prompt plus new tokens."""
+
+    def __init__(self, B: int, n_kv_heads: int, S: int, head_dim: int, device, dtype):
+        self.k = torch.zeros(B, n_kv_heads, S, head_dim, device=device, dtype=dtype)  # (B, nkv, S, hd)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor):
+        T = k.shape[2]
+        self.k[:, :, pos:pos + T] = k
+        self.v[:, :, pos:pos + T] = v
+        return self.k[:, :, :pos + T], self.v[:, :, :pos + T]
+
+
+# ---- the transformer ----
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(args.vocab_size, args.dim),
+            layers=nn.ModuleList(Block(args) for _ in range(args.n_layers)),
+            norm=RMSNorm(args.dim, args.norm_eps),
+        ))
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # "packed": per-document attention when position_ids is given; "dense": the block-diagonal mask reference.
+        self.attn_impl = "packed"
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, std: float = 0.02):
+        """Random init for training from scratch (kept out of __init__ so meta-device construction stays free)."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:  # draw on the CPU so the result is the same on every device
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, caches: list[KVCache] | None = None, cache_pos: int = 0):
+        """Logits (B, T, V). With position_ids, each row is a packed batch of documents starting where pos == 0.
+
+        mask / caches / cache_pos are used by generate(): an explicit (B, 1, T, S) boolean mask and the KV caches."""
+        if caches is None:
+            self.check_inputs(input_ids, position_ids)
+        B, T = input_ids.shape
+        layout = None
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        elif mask is None and self.attn_impl == "packed":
+            layout = DocLayout(position_ids)
+        elif mask is None and self.attn_impl == "dense":
+            mask = block_diagonal_mask(position_ids)
+        elif mask is None:
+            raise ValueError(f"attn_impl must be 'packed' or 'dense', not {self.attn_impl!r}")
+        h = self.model.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta, h.dtype)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, cos, sin, layout, mask, caches[i] if caches else None, cache_pos)
+        return self.lm_head(self.model.norm(h))  # (B, T, V)
+
+    def check_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None):
+        if input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int):
+            raise ValueError(f"input_ids must be a (batch, seq) integer tensor, got {input_ids.dtype} of shape {tuple(input_ids.shape)}")
+        T = input_ids.shape[1]
+        if T > self.args.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds the model's context of {self.args.max_seq_len} tokens")
+        lo, hi = input_ids.min().item(), input_ids.max().item()
+        if lo < 0 or hi >= self.args.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.args.vocab_size}); found {lo if lo < 0 else hi} "
+                             "(does the tokenizer match the model's vocabulary?)")
+        if position_ids is not None and position_ids.shape != input_ids.shape:
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)} but input_ids has {tuple(input_ids.shape)}")
+
+    # ---- generation ----
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: tuple[int, ...] = (2, 32002),
+                 temperature: float = 0.0, top_p: float = 1.0, pad_id: int = 0, use_cache: bool = True,
+                 generator: torch.Generator | None = None,
+                 on_token: Callable[[list[int | None]], None] | None = None) -> list[list[int]]:
+        """Batched generation; returns the new tokens of each prompt without its stop token.
+
+        Prompts are left-padded to a common end so every row decodes in lockstep into one static KV cache;
+        padding is masked out and positions start at 0 at each prompt's first real token, so a prompt's greedy
+        output does not depend on what else is in the batch. A row stops at its first stop id, at max_new_tokens,
+        or when it reaches the model's context length. on_token(tokens) is called after each step with the new
+        token of every row (None for finished rows), for streaming."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs a non-empty list of non-empty prompts (token-id lists)")
+        V, ctx = self.args.vocab_size, self.args.max_seq_len
+        for i, p in enumerate(prompts):
+            if min(p) < 0 or max(p) >= V:
+                raise ValueError(f"prompt {i} has token ids outside [0, {V})")
+            if len(p) >= ctx:
+                raise ValueError(f"prompt {i} has {len(p)} tokens; the model's context is {ctx}")
+        device = self.lm_head.weight.device
+        B, P = len(prompts), max(len(p) for p in prompts)
+        S = min(P + max_new_tokens, ctx)
+        pad = torch.tensor([P - len(p) for p in prompts], device=device)  # left padding per row
+        tokens = torch.full((B, S), pad_id, dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            tokens[i, P - len(p):P] = torch.tensor(p, device=device)
+        col = torch.arange(S, device=device)
+        positions = (col[None, :] - pad[:, None]).clamp(min=0)  # (B, S)
+        # key j is visible to query i when j <= i and j is a real token; a pad query sees itself (no empty rows)
+        real = col[None, :] >= pad[:, None]  # (B, S)
+        full_mask = (col[None, :, None] >= col[None, None, :]) & (real[:, None, :] | torch.eye(S, dtype=torch.bool, device=device))  # (B, S, S)
+        caches = [KVCache(B, self.args.n_kv_heads, S, self.args.head_dim, device, self.lm_head.weight.dtype)
+                  for _ in self.model.layers] if use_cache else None
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        stops = torch.tensor(stop_ids, device=device)
+        pos = 0
+        for t in range(P, S):
+            if use_cache:  # prefill the prompt once, then one token per step
+                sl = slice(pos, t)
+                logits = self(tokens[:, sl], positions[:, sl], full_mask[:, None, sl, :t], caches, pos)
+                pos = t
+            else:  # recompute the whole prefix every step (the baseline the cache is measured against)
+                logits = self(tokens[:, :t], positions[:, :t], full_mask[:, None, :t, :t])
+            nxt = sample(logits[:, -1].float(), temperature, top_p, generator)  # (B,)
+            nxt = torch.where(done, pad_id, nxt)
+            tokens[:, t] = nxt
+            finished_now = torch.isin(nxt, stops) & ~done
+            step = []
+            for i, tok in enumerate(nxt.tolist()):
+                keep = not done[i] and not finished_now[i]
+                if keep:
+                    out[i].append(tok)
+                step.append(tok if keep else None)
+            done |= finished_now
+            if on_token is not None:
+                on_token(step)
+            if done.all() or t + 1 - P >= max_new_tokens:
+                break
+        return out
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Greedy at temperature 0, else nucleus sampling from the (B, V) logits."""
+    if temperature <= 0.0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def block_diagonal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """The reference (B, 1, T, T) mask: causal and within one document. Memory grows with T^2."""
+    starts = position_ids == 0
+    starts[:, 0] = True
+    doc = starts.cumsum(dim=1)  # (B, T) document number of each token
+    T = position_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
+
+
+# ---- checkpoint files: reading (safetensors, sharded or not, and the release's PyTorch .bin shards) ----
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "generation_config.json")
+# Old conversions stored the RoPE frequencies as a buffer; we recompute them from rope_theta instead.
+IGNORED_TENSOR = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def checkpoint_files(path: Path) -> tuple[str, list[Path], dict[str, str] | None]:
+    """(format, shard files, index weight_map or None) of a checkpoint folder. safetensors wins over .bin."""
+    for fmt, index, single in (("safetensors", "model.safetensors.index.json", "model.safetensors"),
+                               ("bin", "pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (path / index).is_file():
+            weight_map = json.loads((path / index).read_text())["weight_map"]
+            files = [path / f for f in dict.fromkeys(weight_map.values())]  # unique, in index order
+            for f in files:
+                if not f.is_file():
+                    raise FileNotFoundError(f"{path / index} names the shard {f.name}, which is not in {path}")
+            return fmt, files, weight_map
+        if (path / single).is_file():
+            return fmt, [path / single], None
+    raise FileNotFoundError(f"{path} holds no weights: expected model.safetensors, model.safetensors.index.json, "
+                            "pytorch_model.bin or pytorch_model.bin.index.json")
+
+
+def read_shard(file: Path, fmt: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the tensors of one shard; the shard is released when the generator finishes."""
+    if fmt == "safetensors":
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise ValueError(f"{file}: not a readable safetensors file ({e}); is it truncated?") from None
+        return
+    import pickle
+    try:  # weights_only: the unpickler builds tensors and plain containers only, and runs no code
+        sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{file}: refused to unpickle: it holds objects other than tensors, and loading it "
+                         f"could run code. Nothing in it was executed. ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{file}: cannot read this PyTorch file ({str(e).splitlines()[0]}); is it truncated?") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise ValueError(f"{file}: expected a plain dict of name -> tensor, found {type(sd).__name__}")
+    yield from sd.items()
+    del sd
+
+
+def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """Every tensor of a checkpoint folder with the shard it came from, checking the index as it goes."""
+    fmt, files, weight_map = checkpoint_files(path)
+    seen: dict[str, str] = {}
+    for file in files:
+        for name, t in read_shard(file, fmt):
+            if name in seen:
+                raise ValueError(f"tensor {name!r} is stored twice: in {seen[name]} and in {file.name}")
+            if weight_map is not None and weight_map.get(name) != file.name:
+                raise ValueError(f"{file}: holds {name!r}, but the index maps it to {weight_map.get(name)!r}")
+            seen[name] = file.name
+            yield name, t, file
+    if weight_map is not None and set(weight_map) - set(seen):
+        missing = sorted(set(weight_map) - set(seen))
+        raise ValueError(f"{path}: the index lists {len(missing)} tensors that no shard holds, e.g. {missing[:3]}")
+
+
+def check_tensor(name: str, t: torch.Tensor, expected: dict[str, torch.Tensor], file: Path):
+    if name not in expected:
+        raise ValueError(f"{file}: unexpected tensor {name!r}: not a parameter of this LLaMA model")
+    if t.shape != expected[name].shape:
+        raise ValueError(f"{file}: {name} has shape {tuple(t.shape)}, config.json implies {tuple(expected[name].shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{file}: {name} is {t.dtype}; a weight must be a floating-point tensor")
+
+
+def read_config(path: Path) -> tuple[dict, ModelArgs]:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint folder: it has no config.json (expected config.json "
+                                "with model.safetensors, sharded safetensors plus index, or pytorch_model*.bin)")
+    cfg = json.loads(cfg_file.read_text())
+    return cfg, ModelArgs.from_hf_config(cfg, str(cfg_file))
+
+
+def meta_state(args: ModelArgs) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        return Transformer(args).state_dict()
+
+
+def from_pretrained(path: str | os.PathLike, device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None) -> Transformer:
+    """Load a Hugging Face LLaMA folder into a Transformer (strict: every parameter, right shapes, nothing else).
+
+    The model is built on the meta device; tensors are cast one by one into `dtype` (default float32, never
+    taken from config.json's torch_dtype) on `device` (default cpu), shard by shard, so the peak is the model in
+    `dtype` plus the shard being read (memory-mapped)."""
+    path = Path(path)
+    cfg, args = read_config(path)
+    dtype, device = dtype or torch.float32, torch.device(device or "cpu")
+    stored = cfg.get("torch_dtype", cfg.get("dtype"))  # older and newer spellings of the same key
+    if stored not in (None, str(dtype).removeprefix("torch.")):
+        print(f"from_pretrained: {path.name} is stored as {stored}; loading as {dtype} as asked")
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = model.state_dict()
+    state, ignored = {}, 0
+    for name, t, file in iter_checkpoint(path):
+        if IGNORED_TENSOR.fullmatch(name):
+            ignored += 1
+            continue
+        check_tensor(name, t, expected, file)
+        state[name] = t.to(device=device, dtype=dtype, copy=True)
+        del t
+    if ignored:
+        print(f"from_pretrained: skipped {ignored} stored rotary_emb.inv_freq buffers (recomputed from rope_theta)")
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} parameters are missing from the checkpoint, e.g. {missing[:3]}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+Transformer.from_pretrained = staticmethod(from_pretrained)
+
+# ---- checkpoint files: writing ----
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' -> 5 * 10**9 bytes (decimal units, as the Hugging Face tools count); ints pass through."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB)?\s*", size.upper())
+    if not m:
+        raise ValueError(f"cannot read the size {size!r}; write it like 500MB or 5GB")
+    return int(float(m[1]) * 10 ** {"B": 0, "KB": 3, "MB": 6, "GB": 9, "TB": 12}[m[2] or "B"])
+
+
+def write_safetensors(tensors: Iterator[tuple[str, torch.Tensor]], path: Path, max_shard_size: int | str = "5GB",
+                      total: int | None = None) -> list[str]:
+    """Stream named tensors into safetensors shards of at most max_shard_size, with an index when sharded.
+
+    Only the shard being filled is held in memory. Old weight files in `path` are removed first, so a folder
+    never mixes two saves. Returns the shard file names."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+    path.mkdir(parents=True, exist_ok=True)
+    for old in [*path.glob("model*.safetensors"), *path.glob("pytorch_model*.bin"), *path.glob("*.index.json")]:
+        old.unlink()
+    limit, shard, shard_bytes, names, weight_map, total_bytes = parse_size(max_shard_size), {}, 0, [], {}, 0
+
+    def flush():
+        nonlocal shard, shard_bytes
+        name = f"part-{len(names):05d}.safetensors.tmp"
+        save_file(shard, str(path / name), metadata={"format": "pt"})
+        names.append(name)
+        for k in shard:
+            weight_map[k] = name
+        shard, shard_bytes = {}, 0
+
+    for name, t in tqdm(tensors, total=total, desc=f"writing {path.name}", unit="tensor", leave=False):
+        nbytes = t.numel() * t.element_size()
+        if shard and shard_bytes + nbytes > limit:
+            flush()
+        shard[name] = t.detach().to("cpu").contiguous()
+        shard_bytes += nbytes
+        total_bytes += nbytes
+    if shard or not names:
+        flush()
+    n = len(names)
+    final = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for tmp, f in zip(names, final):
+        (path / tmp).rename(path / f)
+    if n > 1:
+        rename = dict(zip(names, final))
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": {k: rename[v] for k, v in weight_map.items()}}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return final
+
+
+def save_pretrained(self: Transformer, path: str | os.PathLike, max_shard_size: int | str = "5GB",
+                    dtype: torch.dtype | None = None):
+    """Write config.json and safetensors (sharded with an index when larger than max_shard_size)."""
+    path = Path(path)
+    sd = self.state_dict()
+    dtype = dtype or self.lm_head.weight.dtype
+    write_safetensors(((k, v.to(dtype)) for k, v in sd.items()), path, max_shard_size, total=len(sd))
+    (path / "config.json").write_text(json.dumps(self.args.to_hf_config(dtype), indent=2))
+
+
+Transformer.save_pretrained = save_pretrained
+
+
+def convert(src: str, dst: str, dtype: str = "bfloat16", max_shard_size: str = "5GB"):
+    """Stream a checkpoint folder (.bin or safetensors, any dtype) into a safetensors folder of `dtype`.
+
+    One source shard is read (memory-mapped) while one destination shard fills: about two shards of memory.
+    config.json (with torch_dtype updated), generation_config.json and the tokenizer files are copied."""
+    src_path, dst_path = Path(src), Path(dst)
+    if src_path.resolve() == dst_path.resolve():
+        raise ValueError("convert writes a new folder; SRC and DST must differ")
+    target = getattr(torch, dtype, None)
+    if not isinstance(target, torch.dtype) or not target.is_floating_point:
+        raise ValueError(f"--dtype must be a floating-point torch dtype such as bfloat16, float16, float32; got {dtype!r}")
+    cfg, args = read_config(src_path)
+    expected = meta_state(args)
+    seen = set()
+
+    def tensors():
+        for name, t, file in iter_checkpoint(src_path):
+            if IGNORED_TENSOR.fullmatch(name):
+                continue
+            check_tensor(name, t, expected, file)
+            seen.add(name)
+            yield name, t.to(target)
+
+    write_safetensors(tensors(), dst_path, max_shard_size, total=len(expected))
+    if seen != set(expected):
+        raise ValueError(f"{src_path}: parameters missing from the checkpoint: {sorted(set(expected) - seen)[:3]}")
+    key = "dtype" if "dtype" in cfg else "torch_dtype"  # keep the spelling the source used
+    cfg = dict(cfg, **{key: dtype})
+    (dst_path / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in TOKENIZER_FILES:
+        if (src_path / f).is_file():
+            shutil.copy2(src_path / f, dst_path / f)
+    print(f"converted {src_path} -> {dst_path} ({len(seen)} tensors, {dtype})")
+
+
+# ---- demo ----
+
+
+def main(argv: list[str]):
+    if argv[:1] == ["convert"]:
+        import argparse
+        p = argparse.ArgumentParser(prog="python model.py convert", argument_default=argparse.SUPPRESS,
+                                    description=convert.__doc__.splitlines()[0])
+        p.add_argument("src")
+        p.add_argument("dst")
+        p.add_argument("--dtype", help="target dtype (default bfloat16)")
+        p.add_argument("--max_shard_size", help="e.g. 5GB (default)")
+        return convert(**vars(p.parse_args(argv[1:])))
+    if argv:
+        raise SystemExit(f"usage: python model.py [convert SRC DST [--dtype D] [--max_shard_size S]]; got {argv}")
+    torch.manual_seed(0)
+    args = ModelArgs.from_name("tiny")
+    model = Transformer(args)
+    model.init_weights(seed=0)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"tiny preset: {n_params:,} parameters, {args}")
+    x = torch.randint(0, args.vocab_size, (2, 65))
+    loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+    print(f"initial loss {loss.item():.3f} vs ln(vocab) = {math.log(args.vocab_size):.3f}")
+    # Two documents packed in one row see nothing of each other: the packed forward equals separate forwards.
+    packed = model(x[:1, :64], torch.cat([torch.arange(40), torch.arange(24)])[None])
+    alone = torch.cat([model(x[:1, :40]), model(x[:1, 40:64])], dim=1)
+    print(f"packed vs separate documents, max |diff| of logits: {(packed - alone).abs().max().item():.2e}")
+    out = model.generate([[1, 100, 200, 300], [1, 5, 6]], max_new_tokens=12)
+    print(f"greedy continuation of two prompts (random weights): {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
