@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -160,8 +161,10 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 class DocLayout:
     """Where the documents of a packed batch lie, computed once per forward and shared by every layer.
 
-    A document starts wherever position_ids is 0 (and at the start of each row). Documents of equal length L
-    are gathered into one (N, L) index so attention runs one call per distinct length: cost sum(L_i^2)."""
+    A document starts wherever position_ids is 0 (and at the start of each row). Tokens are permuted so that
+    documents of equal length sit next to each other; each length L then is one (N, L) batch and one causal
+    attention call, so the cost is sum(L_i^2). When the documents already come in that order (one document,
+    or equal lengths) the permutation is skipped."""
 
     def __init__(self, position_ids: torch.Tensor):
         B, T = position_ids.shape
@@ -177,10 +180,11 @@ class DocLayout:
             bad = (pos != expected).nonzero()[0].item()
             raise ValueError(f"position_ids must restart at 0 for each document and count up by 1 within it; "
                              f"row {bad // T}, column {bad % T} has {pos[bad].item()}, expected {expected[bad].item()}")
-        self.groups = []  # list of (N, L) flat token indices into the (B*T) tokens
-        for L in torch.unique(lengths).tolist():
-            s = starts[lengths == L]
-            self.groups.append(s[:, None] + torch.arange(L, device=pos.device))  # (N, L)
+        docs = sorted(zip(lengths.tolist(), starts.tolist()))  # (length, start), grouped by length
+        self.groups = sorted(Counter(lengths.tolist()).items())  # (L, number of documents of length L)
+        self.perm = torch.cat([torch.arange(s, s + n, device=pos.device) for n, s in docs])  # token order
+        self.identity = bool(torch.equal(self.perm, torch.arange(B * T, device=pos.device)))
+        self.inverse = torch.argsort(self.perm)
 
 
 class Attention(nn.Module):
@@ -217,14 +221,18 @@ def packed_attention(q, k, v, layout: DocLayout) -> torch.Tensor:
     """Causal attention inside each document only; one SDPA call per distinct document length."""
     B, nh, T, hd = q.shape
     q, k, v = (t.transpose(1, 2).reshape(B * T, nh, hd) for t in (q, k, v))  # (B*T, nh, hd)
-    out = torch.empty_like(q)
-    for idx in layout.groups:
-        N, L = idx.shape
-        flat = idx.reshape(-1)
-        qi, ki, vi = (t[flat].view(N, L, nh, hd).transpose(1, 2) for t in (q, k, v))  # (N, nh, L, hd)
+    if not layout.identity:
+        q, k, v = (t.index_select(0, layout.perm) for t in (q, k, v))  # documents grouped by length
+    out, s = [], 0
+    for L, N in layout.groups:
+        qi, ki, vi = (t[s:s + N * L].view(N, L, nh, hd).transpose(1, 2) for t in (q, k, v))  # (N, nh, L, hd)
         yi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True)  # (N, nh, L, hd)
-        out = out.index_copy(0, flat, yi.transpose(1, 2).reshape(N * L, nh, hd))
-    return out.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
+        out.append(yi.transpose(1, 2).reshape(N * L, nh, hd))
+        s += N * L
+    y = torch.cat(out) if len(out) > 1 else out[0]  # (B*T, nh, hd)
+    if not layout.identity:
+        y = y.index_select(0, layout.inverse)
+    return y.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
 
 
 class FeedForward(nn.Module):
@@ -299,10 +307,12 @@ class Transformer(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, caches: list[KVCache] | None = None, cache_pos: int = 0):
+                mask: torch.Tensor | None = None, caches: list[KVCache] | None = None, cache_pos: int = 0,
+                last_only: bool = False):
         """Logits (B, T, V). With position_ids, each row is a packed batch of documents starting where pos == 0.
 
-        mask / caches / cache_pos are used by generate(): an explicit (B, 1, T, S) boolean mask and the KV caches."""
+        mask / caches / cache_pos / last_only are for generate(): an explicit (B, 1, T, S) boolean mask, the KV
+        caches, and logits of the last position only (B, 1, V), which spares a (B, T, V) tensor at prefill."""
         if caches is None:
             self.check_inputs(input_ids, position_ids)
         B, T = input_ids.shape
@@ -319,6 +329,8 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta, h.dtype)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, cos, sin, layout, mask, caches[i] if caches else None, cache_pos)
+        if last_only:
+            h = h[:, -1:]  # (B, 1, C)
         return self.lm_head(self.model.norm(h))  # (B, T, V)
 
     def check_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None):
@@ -377,10 +389,10 @@ class Transformer(nn.Module):
         for t in range(P, S):
             if use_cache:  # prefill the prompt once, then one token per step
                 sl = slice(pos, t)
-                logits = self(tokens[:, sl], positions[:, sl], full_mask[:, None, sl, :t], caches, pos)
+                logits = self(tokens[:, sl], positions[:, sl], full_mask[:, None, sl, :t], caches, pos, last_only=True)
                 pos = t
             else:  # recompute the whole prefix every step (the baseline the cache is measured against)
-                logits = self(tokens[:, :t], positions[:, :t], full_mask[:, None, :t, :t])
+                logits = self(tokens[:, :t], positions[:, :t], full_mask[:, None, :t, :t], last_only=True)
             nxt = sample(logits[:, -1].float(), temperature, top_p, generator)  # (B,)
             nxt = torch.where(done, pad_id, nxt)
             tokens[:, t] = nxt
