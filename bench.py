@@ -1,0 +1,437 @@
+"""Benchmarks, each a ratio measured within one run so the numbers survive a noisy machine.
+
+Run it:
+    python bench.py                         # every CPU section; writes out/bench/bench.md and bench.png
+    python bench.py --only=attention,generate --repeats=5
+    python bench.py --quick=true            # smaller sizes, for a first look
+
+Sections:
+    attention  packed per-document attention vs the dense block-diagonal mask, fwd+bwd, 4096 tokens, several document
+               mixes; the same for a whole small model, with peak memory as T grows
+    train      packed rows vs padded batches on the same examples: real and supervised tokens/s, peak memory
+    packing    best-fit-decreasing vs sequential greedy packing efficiency on realistic length distributions
+    data       100,000 Orca-style examples tokenized and packed, cold and from the cache
+    generate   batched greedy generation tokens/s at batch 1, 8, 32, with and without the KV cache
+    load       peak anonymous memory of loading a ~1 GB fp32 .bin release into bf16, and of converting it
+Every timing runs in a fresh process (peak memory is that process's own), the two variants alternating A B A B.
+"""
+
+import json
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class BenchConfig:
+    only: str = "attention,train,packing,data,generate,load"  # comma-separated sections
+    repeats: int = 3          # timed repetitions per variant (median reported), after one warm-up
+    quick: bool = False       # smaller sizes
+    threads: int = 2          # torch threads in each measuring process
+    out: str = "out/bench"    # bench.md, bench.json and bench.png go here
+
+
+# ---- measuring in a child process ----
+
+
+THREADS = {"n": 2}  # set from BenchConfig.threads in main(); passed on to every child
+
+
+def in_child(fn, *args):
+    """Run fn(*args) in a fresh spawned process; returns its result dict plus that process's peak RSS in MB."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_child, (fn, args, THREADS["n"]))
+
+
+def _child(fn, args, threads: int):
+    torch.set_num_threads(threads)
+    out = fn(*args)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+# ---- attention ----
+
+
+def doc_mixes(T: int) -> dict[str, list[int]]:
+    rng = np.random.default_rng(0)
+    skewed = rng.lognormal(0, 0.8, 8)
+    skewed = np.maximum(1, np.floor(skewed / skewed.sum() * T)).astype(int)
+    skewed[-1] += T - skewed.sum()
+    return {"1 x 4096 (no packing)": [T], "2 x 2048": [T // 2] * 2, "8 x 512": [T // 8] * 8,
+            "8 skewed": skewed.tolist(), "32 x 128": [T // 32] * 32}
+
+
+def attention_case(impl: str, lengths: list[int], repeats: int, nh: int = 8, hd: int = 64) -> dict:
+    from model import DocLayout, block_diagonal_mask, packed_attention
+    T = sum(lengths)
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, nh, T, hd, generator=g).requires_grad_() for _ in range(3))
+
+    def step():
+        if impl == "packed":
+            y = packed_attention(q, k, v, DocLayout(pos))  # the layout is part of the cost
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=block_diagonal_mask(pos))
+        y.sum().backward()
+    return {"s": timed(step, repeats)}
+
+
+def model_case(impl: str, T: int, n_docs: int, repeats: int) -> dict:
+    from model import ModelArgs, Transformer
+    args = ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=8, vocab_size=515, hidden_dim=688, max_seq_len=T)
+    model = Transformer(args)
+    model.init_weights(seed=0)
+    model.attn_impl = impl
+    ids = torch.randint(0, args.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(T).remainder(T // n_docs)[None]  # n_docs equal documents
+
+    def step():
+        model(ids, pos).float().square().mean().backward()
+    return {"s": timed(step, repeats)}
+
+
+def bench_attention(cfg: BenchConfig) -> list[dict]:
+    T = 2048 if cfg.quick else 4096
+    rows = []
+    for name, lengths in doc_mixes(T).items():
+        packed = in_child(attention_case, "packed", lengths, cfg.repeats)
+        dense = in_child(attention_case, "dense", lengths, cfg.repeats)
+        rows.append(dict(section="attention", case=f"attention fwd+bwd, {T} tokens, {name}",
+                         packed_ms=packed["s"] * 1e3, dense_ms=dense["s"] * 1e3, ratio=dense["s"] / packed["s"],
+                         packed_mb=packed["peak_rss_mb"], dense_mb=dense["peak_rss_mb"]))
+    for t in ([1024, 2048] if cfg.quick else [2048, 4096, 8192]):
+        packed = in_child(model_case, "packed", t, 8, cfg.repeats)
+        dense = in_child(model_case, "dense", t, 8, cfg.repeats)
+        rows.append(dict(section="attention", case=f"model fwd+bwd (4 layers, dim 256), {t} tokens, 8 docs",
+                         packed_ms=packed["s"] * 1e3, dense_ms=dense["s"] * 1e3, ratio=dense["s"] / packed["s"],
+                         packed_mb=packed["peak_rss_mb"], dense_mb=dense["peak_rss_mb"]))
+    return rows
+
+
+# ---- training throughput: packed rows vs padded batches ----
+
+
+def sample_documents(max_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The shipped Orca-style sample, tokenized by data.py: (ids, teacher flags) per example."""
+    import data
+    import orca2
+    tok = data.Tokenizer.from_pretrained(data.DEFAULT_TOKENIZER)
+    cfg = data.DataConfig(max_len=max_len, cache_dir=str(ROOT / "out" / "bench" / "cache"), num_workers=1)
+    packed, _ = data.build_stage([orca2.Source("sample", str(data.SAMPLE_DATA), erase=True)], tok, cfg, log=None)
+    return [d for p in range(len(packed)) for d in packed.documents(p)], packed
+
+
+def train_case(mode: str, max_len: int, n_examples: int) -> dict:
+    """One pass over the same n_examples, packed (rows of max_len) or padded (4 examples, padded to the longest)."""
+    import data
+    from model import ModelArgs, Transformer
+    docs, packed = sample_documents(max_len)
+    model = Transformer(ModelArgs.from_name("tiny"))
+    model.init_weights(seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batches = []
+    if mode == "packed":  # the packs holding the first examples, 2 rows per step
+        rows = list(range(len(packed)))[: max(1, n_examples * len(packed) // len(docs))]
+        batches = [data.get_batch(packed, rows[i:i + 2], max_len, 32000) for i in range(0, len(rows), 2)]
+    else:
+        chosen = docs[: n_examples]
+        for i in range(0, len(chosen), 4):
+            group = chosen[i:i + 4]
+            T = max(len(ids) for ids, _ in group)
+            ids = torch.full((len(group), T), 32000)
+            labels = torch.full((len(group), T), -100)
+            for b, (x, sup) in enumerate(group):
+                ids[b, :len(x)] = torch.from_numpy(x.astype(np.int64))
+                labels[b, :len(x) - 1] = torch.from_numpy(np.where(sup[1:] != 0, x[1:].astype(np.int64), -100))
+            batches.append(dict(input_ids=ids, labels=labels, position_ids=None,
+                                num_tokens=sum(len(x) for x, _ in group), num_supervised=int((labels != -100).sum())))
+    t = time.perf_counter()
+    for b in batches:
+        logits = model(b["input_ids"], b["position_ids"])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten(), ignore_index=-100, reduction="sum")
+        (loss / max(1, b["num_supervised"])).backward()
+        opt.step()
+        opt.zero_grad()
+    dt = time.perf_counter() - t
+    real = sum(b["num_tokens"] for b in batches)
+    slots = sum(b["input_ids"].numel() for b in batches)
+    return {"s": dt, "tok_s": real / dt, "sup_tok_s": sum(b["num_supervised"] for b in batches) / dt,
+            "fill": real / slots, "examples": sum(1 for _ in batches)}
+
+
+def bench_train(cfg: BenchConfig) -> list[dict]:
+    n = 48 if cfg.quick else 128
+    packed = in_child(train_case, "packed", 1024, n)
+    padded = in_child(train_case, "padded", 1024, n)
+    return [dict(section="train", case=f"tiny model, {n} sample examples, packed 2 x 1024 vs padded 4 per batch",
+                 packed_tok_s=packed["tok_s"], padded_tok_s=padded["tok_s"], ratio=packed["tok_s"] / padded["tok_s"],
+                 packed_sup_tok_s=packed["sup_tok_s"], padded_sup_tok_s=padded["sup_tok_s"],
+                 packed_fill=packed["fill"], padded_fill=padded["fill"],
+                 packed_mb=packed["peak_rss_mb"], padded_mb=padded["peak_rss_mb"])]
+
+
+# ---- packing efficiency ----
+
+
+def greedy_sequential(lengths: np.ndarray, capacity: int) -> int:
+    """The naive baseline: fill the current row in input order, open a new one when the next example does not fit."""
+    rows, room = 0, 0
+    for n in lengths.tolist():
+        if n > room:
+            rows, room = rows + 1, capacity
+        room -= n
+    return rows
+
+
+def bench_packing(cfg: BenchConfig) -> list[dict]:
+    import data
+    rng = np.random.default_rng(0)
+    n = 20_000 if cfg.quick else 100_000
+    docs, _ = sample_documents(4096)
+    sample = np.array([len(ids) for ids, _ in docs])
+    dists = {
+        "Orca sample lengths (resampled)": rng.choice(sample, n),
+        "lognormal, median 350 tokens": np.clip(rng.lognormal(np.log(350), 0.9, n), 16, 4096).astype(int),
+        "FLAN-like short, median 120": np.clip(rng.lognormal(np.log(120), 0.7, n), 8, 4096).astype(int),
+        "long-tailed, 5% near 4096": np.concatenate([np.clip(rng.lognormal(np.log(500), 0.8, n - n // 20), 16, 4096),
+                                                     rng.integers(3000, 4097, n // 20)]).astype(int),
+    }
+    rows = []
+    for name, lengths in dists.items():
+        t = time.perf_counter()
+        _, offsets = data.pack_best_fit(lengths, 4096)
+        dt = time.perf_counter() - t
+        bfd, seq = len(offsets) - 1, greedy_sequential(lengths, 4096)
+        total = lengths.sum()
+        rows.append(dict(section="packing", case=f"{name}, {n:,} examples into 4096", bfd_eff=total / (bfd * 4096),
+                         greedy_eff=total / (seq * 4096), ratio=seq / bfd, bfd_s=dt))
+    return rows
+
+
+# ---- data pipeline ----
+
+
+def data_case(n: int) -> dict:
+    import data
+    return data.benchmark(num_examples=n, workdir=str(ROOT / "out" / "bench" / "data"))
+
+
+def bench_data(cfg: BenchConfig) -> list[dict]:
+    n = 20_000 if cfg.quick else 100_000
+    r = in_child(data_case, n)
+    return [dict(section="data", case=f"{r['examples']:,} Orca-style examples ({r['mbytes']} MB JSONL, {r['tokens']:,} "
+                 f"tokens), {os.cpu_count()} cores", cold_s=r["cold_s"], cached_s=r["cached_s"],
+                 ex_s=r["examples"] / r["cold_s"], ratio=r["cold_s"] / max(r["cached_s"], 1e-9),
+                 efficiency=r["efficiency"], mb=r["peak_rss_mb"])]
+
+
+# ---- generation ----
+
+
+def generate_case(batch: int, use_cache: bool, new_tokens: int) -> dict:
+    from model import ModelArgs, Transformer
+    model = Transformer(ModelArgs.from_name("tiny"))
+    model.init_weights(seed=0)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 32000, (int(n),), generator=g).tolist() for n in torch.randint(48, 96, (batch,), generator=g)]
+    s = timed(lambda: model.generate(prompts, new_tokens, stop_ids=(), use_cache=use_cache), 2)
+    return {"tok_s": batch * new_tokens / s}
+
+
+def bench_generate(cfg: BenchConfig) -> list[dict]:
+    new = 16 if cfg.quick else 32
+    rows = []
+    for b in (1, 8, 32):
+        cached = in_child(generate_case, b, True, new)
+        plain = in_child(generate_case, b, False, new)
+        rows.append(dict(section="generate", case=f"tiny model, batch {b}, prompts 48-95 tokens, {new} new tokens",
+                         cache_tok_s=cached["tok_s"], nocache_tok_s=plain["tok_s"], ratio=cached["tok_s"] / plain["tok_s"]))
+    return rows
+
+
+# ---- loading the release layout: peak anonymous memory ----
+
+
+def make_release(folder: Path, quick: bool) -> dict:
+    """A ~1 GB fp32 checkpoint in the Orca 2 release layout: three .bin shards, an index, an old-style config."""
+    from model import ModelArgs, Transformer
+    args = ModelArgs(dim=1024, n_layers=4 if quick else 16, n_heads=16, n_kv_heads=16, vocab_size=32003,
+                     hidden_dim=2816, max_seq_len=4096)
+    if not (folder / "config.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        model = Transformer(args)
+        model.init_weights(seed=0)
+        sd, weight_map = model.state_dict(), {}
+        names = list(sd)
+        for i in range(3):
+            fname = f"pytorch_model-{i + 1:05d}-of-00003.bin"
+            part = {k: sd[k] for k in names[i * len(names) // 3:(i + 1) * len(names) // 3]}
+            torch.save(part, folder / fname)
+            weight_map.update({k: fname for k in part})
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        (folder / "config.json").write_text(json.dumps(dict(args.to_hf_config(torch.float32), pad_token_id=0)))
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in Transformer(args).parameters())
+    largest = max(f.stat().st_size for f in folder.glob("*.bin"))
+    return {"fp32_mb": n_params * 4 / 1e6, "bf16_mb": n_params * 2 / 1e6, "largest_shard_mb": largest / 1e6}
+
+
+def peak_anon(fn) -> float:
+    """Peak RssAnon (MB) while fn runs, sampled every 2 ms from /proc/self/status."""
+    peak, done = [0], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            for line in open("/proc/self/status"):
+                if line.startswith("RssAnon:"):
+                    peak[0] = max(peak[0], int(line.split()[1]) / 1024)
+            time.sleep(0.002)
+    base = [int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("RssAnon:")][0]
+    t = threading.Thread(target=poll)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    return peak[0] - base
+
+
+def load_case(folder: str, what: str) -> dict:
+    from model import Transformer, convert
+    if what == "load":
+        keep = []
+        mb = peak_anon(lambda: keep.append(Transformer.from_pretrained(folder, dtype=torch.bfloat16)))
+    else:
+        mb = peak_anon(lambda: convert(folder, folder + "-bf16", dtype="bfloat16", max_shard_size="400MB"))
+    return {"anon_mb": mb}
+
+
+def bench_load(cfg: BenchConfig) -> list[dict]:
+    folder = ROOT / "out" / "bench" / ("release-small" if cfg.quick else "release-1gb")
+    sizes = make_release(folder, cfg.quick)
+    load = in_child(load_case, str(folder), "load")
+    conv = in_child(load_case, str(folder), "convert")
+    return [dict(section="load", case=f"fp32 .bin release ({sizes['fp32_mb']:.0f} MB) -> {what}", anon_mb=r["anon_mb"],
+                 bf16_mb=sizes["bf16_mb"], shard_mb=sizes["largest_shard_mb"], ratio=r["anon_mb"] / sizes["bf16_mb"])
+            for what, r in (("bf16 model (from_pretrained)", load), ("bf16 safetensors (convert, 400MB shards)", conv))]
+
+
+# ---- report ----
+
+SECTIONS = {"attention": bench_attention, "train": bench_train, "packing": bench_packing, "data": bench_data,
+            "generate": bench_generate, "load": bench_load}
+COLUMNS = {  # section -> (header, [(column title, key, format)])
+    "attention": ("Packed per-document attention vs dense block-diagonal mask (fwd+bwd)",
+                  [("packed ms", "packed_ms", ".1f"), ("dense ms", "dense_ms", ".1f"), ("dense / packed", "ratio", ".2f"),
+                   ("packed peak MB", "packed_mb", ".0f"), ("dense peak MB", "dense_mb", ".0f")]),
+    "train": ("Training throughput: packed rows vs padded batches, same examples",
+              [("packed tok/s", "packed_tok_s", ".0f"), ("padded tok/s", "padded_tok_s", ".0f"), ("packed / padded", "ratio", ".2f"),
+               ("packed sup tok/s", "packed_sup_tok_s", ".0f"), ("padded sup tok/s", "padded_sup_tok_s", ".0f"),
+               ("packed fill", "packed_fill", ".1%"), ("padded fill", "padded_fill", ".1%"),
+               ("packed peak MB", "packed_mb", ".0f"), ("padded peak MB", "padded_mb", ".0f")]),
+    "packing": ("Packing efficiency (real tokens / row slots)",
+                [("best-fit decreasing", "bfd_eff", ".2%"), ("sequential greedy", "greedy_eff", ".2%"),
+                 ("rows greedy / rows BFD", "ratio", ".3f"), ("BFD seconds", "bfd_s", ".2f")]),
+    "data": ("Data pipeline: tokenize + pack", [("cold s", "cold_s", ".1f"), ("cached s", "cached_s", ".2f"),
+             ("examples/s cold", "ex_s", ".0f"), ("cold / cached", "ratio", ".0f"), ("packing eff.", "efficiency", ".2%"),
+             ("peak MB", "mb", ".0f")]),
+    "generate": ("Batched greedy generation", [("KV cache tok/s", "cache_tok_s", ".0f"),
+                 ("no cache tok/s", "nocache_tok_s", ".0f"), ("cache / no cache", "ratio", ".2f")]),
+    "load": ("Loading the release layout: peak anonymous memory (RssAnon)",
+             [("peak anon MB", "anon_mb", ".0f"), ("bf16 model MB", "bf16_mb", ".0f"),
+              ("largest shard MB", "shard_mb", ".0f"), ("anon / bf16 model", "ratio", ".2f")]),
+}
+
+
+def markdown(rows: list[dict]) -> str:
+    out = [f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+           f"{THREADS['n']} threads per measuring process.\n"]
+    for section, (title, cols) in COLUMNS.items():
+        mine = [r for r in rows if r["section"] == section]
+        if not mine:
+            continue
+        out += [f"**{title}**\n", "| case | " + " | ".join(c[0] for c in cols) + " |",
+                "| --- |" + " ---: |" * len(cols)]
+        out += ["| " + r["case"] + " | " + " | ".join(format(r[k], f) for _, k, f in cols) + " |" for r in mine]
+        out.append("")
+    return "\n".join(out)
+
+
+def chart(rows: list[dict], path: Path) -> bool:
+    """A bar chart of every ratio; needs matplotlib (a bench-only extra, not a runtime dependency)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    labels = [f"{r['section']}: {r['case'][:60]}" for r in rows if r["section"] != "packing"]
+    values = [r["ratio"] for r in rows if r["section"] != "packing"]
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(values) + 1.5))
+    ax.barh(range(len(values)), values, color="tab:blue")
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.set_yticks(range(len(values)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("ratio (see bench.md for what each ratio divides; > 1 = ours faster / leaner)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv: list[str]):
+    known = {f.name: f.type for f in fields(BenchConfig)}
+    values = {}
+    for arg in argv:
+        key, _, raw = arg.removeprefix("--").partition("=")
+        if key not in known or not raw:
+            raise SystemExit(f"options are --key=value with key in {list(known)}; got {arg!r}")
+        values[key] = raw.lower() in ("1", "true") if known[key] is bool else known[key](raw)
+    cfg = BenchConfig(**values)
+    THREADS["n"] = cfg.threads
+    unknown = set(cfg.only.split(",")) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {list(SECTIONS)}")
+    out = ROOT / cfg.out
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in cfg.only.split(","):
+        t = time.perf_counter()
+        rows += SECTIONS[name](cfg)
+        print(f"[bench] {name} done in {time.perf_counter() - t:.0f}s", flush=True)
+    text = markdown(rows)
+    print(text)
+    (out / "bench.md").write_text(text)
+    (out / "bench.json").write_text(json.dumps(rows, indent=1))
+    print(f"wrote {out / 'bench.md'}" + (f" and {out / 'bench.png'}" if chart(rows, out / "bench.png") else
+                                          " (no chart: pip install matplotlib)"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
