@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.elastic.multiprocessing.errors import record
 
 import data
 import orca2
@@ -396,6 +397,7 @@ def peak_flops(device: torch.device) -> float | None:
 # ---- the training loop ----
 
 
+@record  # under torchrun, a rank's exception is reported by the launcher with that rank's traceback
 def main(argv: list[str]):
     cfg = parse_config(argv)
     stages = curriculum(cfg)

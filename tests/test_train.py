@@ -181,3 +181,26 @@ def test_config_errors_are_clear(argv, message):
     import train
     with pytest.raises(SystemExit, match=message):
         train.main(argv)
+
+
+def test_a_dead_rank_ends_the_job_with_a_clear_message(setup):
+    """SIGKILL one of two ranks mid-run: torchrun must stop the job promptly and name the failed rank."""
+    import signal
+    import time
+    out = setup / "dead"
+    argv = args_for(setup, out, max_steps=10_000, epochs=10_000, timeout_s=60)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *argv]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+        assert time.time() < deadline and proc.poll() is None, "training never started"
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    start = time.time()
+    output = proc.communicate(timeout=90)[0]
+    assert proc.returncode != 0
+    assert time.time() - start < 60  # ended by the launcher, not by waiting out a collective timeout
+    assert "Signal 9 (SIGKILL)" in output and "train.py FAILED" in output
