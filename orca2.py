@@ -10,7 +10,8 @@ Run it:
     python orca2.py chat --model DIR --system empty   # ... with the empty system message
 """
 
-from dataclasses import dataclass, field
+import argparse
+from dataclasses import dataclass, field, fields
 
 # ---- chat template and special tokens (published: model card, added_tokens.json) ----
 
@@ -101,3 +102,112 @@ PAPER_RESULTS = {  # model -> benchmark -> score (percent); "avg" is the Figure 
     "ChatGPT": dict(agieval=53.13, bbh=55.38, drop=64.39, crass=85.77, race=67.87, gsm8k=79.38),
     "GPT-4": dict(agieval=70.40, bbh=69.04, drop=71.59, crass=94.53, race=83.08, gsm8k=85.52),
 }
+
+
+# ---- command line: print the recipe, or chat with a checkpoint ----
+
+
+@dataclass
+class ChatConfig:
+    model: str = ""              # Hugging Face-style model folder (config.json, weights, tokenizer.model)
+    system: str = "cautious"     # key of SYSTEM_MESSAGES: "cautious" (the release's default) or "empty"
+    max_new_tokens: int = 1024   # per answer (ORCA2.md 7 default)
+    temperature: float = 0.0     # 0 = greedy
+    top_p: float = 1.0           # nucleus sampling when temperature > 0
+    device: str = ""             # "" = cuda when available, else cpu
+
+
+def print_recipe() -> None:
+    """The template rendered for an example, the system messages and the curriculum."""
+    example = render_prompt(CAUTIOUS_SYSTEM_MESSAGE, "What is 2+2?")
+    print("Template (model card), rendered with the cautious system message; <s> goes in front:")
+    print(example)
+    print("\nTraining target appended to it; the loss covers exactly this span:")
+    print(repr(render_target("The answer is 4.")))
+    print("\nA follow-up turn is appended to the previous answer as:", repr(render_followup("And 3+3?")))
+    print(f"\nSpecial ids: {SPECIAL_IDS}; vocabulary {VOCAB_SIZE}; generation stops on {STOP_IDS}")
+    print("\nSystem messages:")
+    for name, message in SYSTEM_MESSAGES.items():
+        print(f"  {name:9s} ({len(message)} chars) {message!r}")
+    erased = "the cautious message" if ERASED_SYSTEM_MESSAGE == CAUTIOUS_SYSTEM_MESSAGE else repr(ERASED_SYSTEM_MESSAGE)
+    print(f"  erased    prompt erasing replaces the teacher's system message by {erased}")
+    print("\nCurriculum (progressive learning; each stage starts from the previous one's weights):")
+    stages = paper_curriculum("FLAN.jsonl", "ORCA1_CHATGPT.jsonl", "ORCA1_GPT4.jsonl", "ORCA2.jsonl")
+    for k, stage in enumerate(stages, 1):
+        print(f"  {k}. {stage.name}: {stage.epochs} epochs, lr {stage.lr:g}, warmup {stage.warmup_ratio:.0%}, "
+              f"cosine to {stage.min_lr_ratio:g} x lr")
+        for s in stage.sources:
+            system = "erased (generic message)" if s.erase else ("file's own" if s.system is None else repr(s.system))
+            print(f"       {s.name} <- {s.path}, weight {s.weight:g}, system message: {system}")
+
+
+def chat(cfg: ChatConfig) -> None:
+    """Streamed multi-turn chat; later turns are appended with render_followup."""
+    import torch  # imported here: the recipe itself needs neither torch nor the model code
+
+    from data import Tokenizer
+    from model import Transformer
+
+    if cfg.system not in SYSTEM_MESSAGES:
+        raise ValueError(f"--system must be one of {sorted(SYSTEM_MESSAGES)}, got {cfg.system!r}")
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tok = Tokenizer.from_pretrained(cfg.model)
+    model = Transformer.from_pretrained(cfg.model, device=device,
+                                        dtype=torch.bfloat16 if device.startswith("cuda") else None)
+    model.eval()
+    print(f"Chatting with {cfg.model} on {device}, {cfg.system} system message. "
+          "/reset starts over, /exit or Ctrl-D quits.")
+    history: list[int] = []  # token ids of the conversation so far
+    while True:
+        try:
+            user = input("\nuser> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if user in ("/exit", "/quit"):
+            return
+        if user == "/reset" or not user:
+            history = [] if user else history
+            continue
+        # The previous answer is closed with <|im_end|>, as in multi-turn training data.
+        ids = history + [tok.im_end_id] + tok.encode_followup(user) if history else \
+            tok.encode_prompt(SYSTEM_MESSAGES[cfg.system], user)
+        if len(ids) + cfg.max_new_tokens > model.args.max_seq_len and history:
+            print("[conversation too long for the context; starting over]")
+            ids = tok.encode_prompt(SYSTEM_MESSAGES[cfg.system], user)
+        new: list[int] = []
+        shown = 0
+        print("orca> ", end="", flush=True)
+
+        def stream(step: list[int | None]) -> None:
+            nonlocal shown
+            if step[0] is None:
+                return
+            new.append(step[0])
+            text = tok.decode(new, skip_special=True).removeprefix("\n")  # the answer starts after a newline
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                print(text[shown:], end="", flush=True)
+                shown = len(text)
+
+        out = model.generate([ids], cfg.max_new_tokens, stop_ids=tok.stop_ids, temperature=cfg.temperature,
+                             top_p=cfg.top_p, pad_id=tok.pad_id, on_token=stream)[0]
+        print(tok.decode(out, skip_special=True).removeprefix("\n")[shown:])
+        history = ids + out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Print the Orca 2 recipe, or chat with a checkpoint.")
+    sub = parser.add_subparsers(dest="command")
+    chat_parser = sub.add_parser("chat", help="interactive streamed chat with a model folder")
+    for f in fields(ChatConfig):  # options map onto ChatConfig, defaults come from it
+        chat_parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, required=f.name == "model",
+                                 choices=sorted(SYSTEM_MESSAGES) if f.name == "system" else None)
+    args = parser.parse_args()
+    if args.command == "chat":
+        chat(ChatConfig(**{f.name: getattr(args, f.name) for f in fields(ChatConfig)}))
+    else:
+        print_recipe()
+
+
+if __name__ == "__main__":
+    main()
