@@ -274,10 +274,9 @@ class KVCache:
         self.v = torch.zeros_like(self.k)
 
     def update(self, pos: int, k: torch.Tensor, v: torch.Tensor):
-        T = k.shape[2]
-        self.k[:, :, pos:pos + T] = k
-        self.v[:, :, pos:pos + T] = v
-        return self.k[:, :, :pos + T], self.v[:, :, :pos + T]
+        end = pos + k.shape[2]
+        self.k[:, :, pos:end], self.v[:, :, pos:end] = k, v
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 # ---- the transformer ----
@@ -299,12 +298,9 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02):
         """Random init for training from scratch (kept out of __init__ so meta-device construction stays free)."""
-        g = torch.Generator().manual_seed(seed)
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:  # draw on the CPU so the result is the same on every device
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+        params = dict(self.named_parameters())
+        for name, t in init_tensors(self, seed, std):
+            params[name].copy_(t)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, caches: list[KVCache] | None = None, cache_pos: int = 0,
@@ -345,8 +341,6 @@ class Transformer(nn.Module):
                              "(does the tokenizer match the model's vocabulary?)")
         if position_ids is not None and position_ids.shape != input_ids.shape:
             raise ValueError(f"position_ids has shape {tuple(position_ids.shape)} but input_ids has {tuple(input_ids.shape)}")
-
-    # ---- generation ----
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: tuple[int, ...] = (2, 32002),
@@ -409,6 +403,13 @@ class Transformer(nn.Module):
             if done.all() or t + 1 - P >= max_new_tokens:
                 break
         return out
+
+
+def init_tensors(model: nn.Module, seed: int = 0, std: float = 0.02) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full initial tensors in parameter order, drawn on the CPU so every device and sharding gets the same values."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        yield name, torch.ones(p.shape) if name.endswith("norm.weight") else torch.randn(p.shape, generator=g) * std
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -537,6 +538,9 @@ def from_pretrained(path: str | os.PathLike, device: str | torch.device | None =
     stored = cfg.get("torch_dtype", cfg.get("dtype"))  # older and newer spellings of the same key
     if stored not in (None, str(dtype).removeprefix("torch.")):
         print(f"from_pretrained: {path.name} is stored as {stored}; loading as {dtype} as asked")
+    if cfg.get("pad_token_id") is not None:  # the Orca-2-13b release says 0 while its tokenizer pads with [PAD] = 32000
+        print(f"from_pretrained: config.json's pad_token_id={cfg['pad_token_id']} is not used; padding follows the "
+              "tokenizer, and generate() stops on both </s> (2) and <|im_end|> (32002)")
     with torch.device("meta"):
         model = Transformer(args)
     expected = model.state_dict()
@@ -677,21 +681,18 @@ def main(argv: list[str]):
         return convert(**vars(p.parse_args(argv[1:])))
     if argv:
         raise SystemExit(f"usage: python model.py [convert SRC DST [--dtype D] [--max_shard_size S]]; got {argv}")
-    torch.manual_seed(0)
     args = ModelArgs.from_name("tiny")
     model = Transformer(args)
     model.init_weights(seed=0)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"tiny preset: {n_params:,} parameters, {args}")
-    x = torch.randint(0, args.vocab_size, (2, 65))
+    print(f"tiny preset: {sum(p.numel() for p in model.parameters()):,} parameters, {args}")
+    x = torch.randint(0, args.vocab_size, (2, 65), generator=torch.Generator().manual_seed(0))
     loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
     print(f"initial loss {loss.item():.3f} vs ln(vocab) = {math.log(args.vocab_size):.3f}")
     # Two documents packed in one row see nothing of each other: the packed forward equals separate forwards.
     packed = model(x[:1, :64], torch.cat([torch.arange(40), torch.arange(24)])[None])
     alone = torch.cat([model(x[:1, :40]), model(x[:1, 40:64])], dim=1)
     print(f"packed vs separate documents, max |diff| of logits: {(packed - alone).abs().max().item():.2e}")
-    out = model.generate([[1, 100, 200, 300], [1, 5, 6]], max_new_tokens=12)
-    print(f"greedy continuation of two prompts (random weights): {out}")
+    print(f"greedy continuations (random weights): {model.generate([[1, 100, 200, 300], [1, 5, 6]], 12)}")
 
 
 if __name__ == "__main__":

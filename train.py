@@ -39,7 +39,8 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 import data
 import orca2
-from model import IGNORED_TENSOR, ModelArgs, Transformer, check_tensor, iter_checkpoint, read_config, write_safetensors
+from model import (IGNORED_TENSOR, ModelArgs, Transformer, check_tensor, init_tensors, iter_checkpoint, read_config,
+                   write_safetensors)
 
 ROOT = Path(__file__).resolve().parent
 SAMPLE = ROOT.parent / "shared" / "data" / "orca-samples" / "orca_dpo_pairs_validation.jsonl"
@@ -231,16 +232,9 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, mesh) -
         print0(f"loading initial weights from {start}")
         tensors = checkpoint_tensors(start, model, ckpt_vocab)
     else:
-        tensors = model_init_tensors(model, cfg.seed)
+        tensors = init_tensors(model, cfg.seed)  # the same values as Transformer.init_weights
     fill_parameters(model, tensors)
     return model
-
-
-def model_init_tensors(model: Transformer, seed: int):
-    """The same random init as Transformer.init_weights, produced as full tensors in parameter order."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        yield name, torch.ones(p.shape) if name.endswith("norm.weight") else torch.randn(p.shape, generator=g) * 0.02
 
 
 def checkpoint_tensors(path: Path, model: Transformer, ckpt_vocab: int):
