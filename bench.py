@@ -11,6 +11,8 @@ Sections:
     train      packed rows vs padded batches on the same examples: real and supervised tokens/s, peak memory
     packing    best-fit-decreasing vs sequential greedy packing efficiency on realistic length distributions
     data       100,000 Orca-style examples tokenized and packed, cold and from the cache
+    scale      `python data.py FILE.parquet` on 200,000 OpenOrca-like rows (~300 MB): rows/s and tokens/s per core, and
+               the peak memory of the whole process tree (workers included; must stay under 1.5 GB)
     generate   batched greedy generation tokens/s at batch 1, 8, 32, with and without the KV cache
     load       peak anonymous memory of loading a ~1 GB fp32 .bin release into bf16, and of converting it
 Every timing runs in a fresh process (peak memory is that process's own), the two variants alternating A B A B.
@@ -20,7 +22,9 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import shutil
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -36,7 +40,7 @@ ROOT = Path(__file__).resolve().parent
 
 @dataclass
 class BenchConfig:
-    only: str = "attention,train,packing,data,generate,load"  # comma-separated sections
+    only: str = "attention,train,packing,data,scale,generate,load"  # comma-separated sections
     repeats: int = 3          # timed repetitions per variant (median reported), after one warm-up
     quick: bool = False       # smaller sizes
     threads: int = 2          # torch threads in each measuring process
@@ -73,6 +77,18 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def timed_pair(fa, fb, repeats: int) -> tuple[float, float]:
+    """Median seconds of A and B, run alternately A B A B ... so drift in machine speed hits both alike."""
+    fa(), fb()  # warm-up
+    ta, tb = [], []
+    for _ in range(repeats):
+        for f, ts in ((fa, ta), (fb, tb)):
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+    return statistics.median(ta), statistics.median(tb)
+
+
 # ---- attention ----
 
 
@@ -81,11 +97,12 @@ def doc_mixes(T: int) -> dict[str, list[int]]:
     skewed = rng.lognormal(0, 0.8, 8)
     skewed = np.maximum(1, np.floor(skewed / skewed.sum() * T)).astype(int)
     skewed[-1] += T - skewed.sum()
-    return {"1 x 4096 (no packing)": [T], "2 x 2048": [T // 2] * 2, "8 x 512": [T // 8] * 8,
-            "8 skewed": skewed.tolist(), "32 x 128": [T // 32] * 32}
+    return {f"1 x {T} (no packing)": [T], f"2 x {T // 2}": [T // 2] * 2, f"8 x {T // 8}": [T // 8] * 8,
+            "8 skewed (lognormal)": skewed.tolist(), f"32 x {T // 32}": [T // 32] * 32}
 
 
-def attention_case(impl: str, lengths: list[int], repeats: int, nh: int = 8, hd: int = 64) -> dict:
+def attention_step(impl: str, lengths: list[int], nh: int = 8, hd: int = 64):
+    """One fwd+bwd of the attention op alone on (1, nh, T, hd) inputs."""
     from model import DocLayout, block_diagonal_mask, packed_attention
     T = sum(lengths)
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
@@ -98,10 +115,11 @@ def attention_case(impl: str, lengths: list[int], repeats: int, nh: int = 8, hd:
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=block_diagonal_mask(pos))
         y.sum().backward()
-    return {"s": timed(step, repeats)}
+    return step
 
 
-def model_case(impl: str, T: int, n_docs: int, repeats: int) -> dict:
+def model_step(impl: str, T: int, n_docs: int):
+    """One fwd+bwd of a small model (vocabulary 515, so attention rather than the output layer dominates)."""
     from model import ModelArgs, Transformer
     args = ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=8, vocab_size=515, hidden_dim=688, max_seq_len=T)
     model = Transformer(args)
@@ -112,24 +130,33 @@ def model_case(impl: str, T: int, n_docs: int, repeats: int) -> dict:
 
     def step():
         model(ids, pos).float().square().mean().backward()
-    return {"s": timed(step, repeats)}
+    return step
+
+
+def pair_case(make, args: tuple, repeats: int) -> dict:
+    packed, dense = timed_pair(make("packed", *args), make("dense", *args), repeats)
+    return {"packed_s": packed, "dense_s": dense}
+
+
+def memory_case(make, impl: str, args: tuple) -> dict:
+    make(impl, *args)()
+    return {}
 
 
 def bench_attention(cfg: BenchConfig) -> list[dict]:
     T = 2048 if cfg.quick else 4096
     rows = []
     for name, lengths in doc_mixes(T).items():
-        packed = in_child(attention_case, "packed", lengths, cfg.repeats)
-        dense = in_child(attention_case, "dense", lengths, cfg.repeats)
-        rows.append(dict(section="attention", case=f"attention fwd+bwd, {T} tokens, {name}",
-                         packed_ms=packed["s"] * 1e3, dense_ms=dense["s"] * 1e3, ratio=dense["s"] / packed["s"],
-                         packed_mb=packed["peak_rss_mb"], dense_mb=dense["peak_rss_mb"]))
+        r = in_child(pair_case, attention_step, (lengths,), cfg.repeats)
+        rows.append(dict(section="attention", case=f"attention op fwd+bwd, {T} tokens, {name}",
+                         packed_ms=r["packed_s"] * 1e3, dense_ms=r["dense_s"] * 1e3, ratio=r["dense_s"] / r["packed_s"],
+                         packed_mb=float("nan"), dense_mb=float("nan")))
     for t in ([1024, 2048] if cfg.quick else [2048, 4096, 8192]):
-        packed = in_child(model_case, "packed", t, 8, cfg.repeats)
-        dense = in_child(model_case, "dense", t, 8, cfg.repeats)
+        r = in_child(pair_case, model_step, (t, 8), cfg.repeats)
+        mem = {impl: in_child(memory_case, model_step, impl, (t, 8))["peak_rss_mb"] for impl in ("packed", "dense")}
         rows.append(dict(section="attention", case=f"model fwd+bwd (4 layers, dim 256), {t} tokens, 8 docs",
-                         packed_ms=packed["s"] * 1e3, dense_ms=dense["s"] * 1e3, ratio=dense["s"] / packed["s"],
-                         packed_mb=packed["peak_rss_mb"], dense_mb=dense["peak_rss_mb"]))
+                         packed_ms=r["packed_s"] * 1e3, dense_ms=r["dense_s"] * 1e3, ratio=r["dense_s"] / r["packed_s"],
+                         packed_mb=mem["packed"], dense_mb=mem["dense"]))
     return rows
 
 
@@ -237,8 +264,28 @@ def bench_packing(cfg: BenchConfig) -> list[dict]:
 
 
 def data_case(n: int) -> dict:
+    """Seconds to tokenize and pack n Orca-style examples (the shipped sample's lines, each made unique so nothing is
+    encoded only once), cold and then from the cache."""
     import data
-    return data.benchmark(num_examples=n, workdir=str(ROOT / "out" / "bench" / "data"))
+    import orca2
+    work, lines = ROOT / "out" / "bench" / "data", [line for line in data.SAMPLE_DATA.read_text().splitlines() if line]
+    shutil.rmtree(work / "cache", ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"orca-{n}.jsonl"
+    with open(path, "w") as f:
+        for k in range(n):
+            r = json.loads(lines[k % len(lines)])
+            r["input"]["messages"][-1]["content"] = f"({k}) " + r["input"]["messages"][-1]["content"]
+            r["preferred_output"][0]["content"] += f" ({k})"
+            f.write(json.dumps(r) + "\n")
+    tok = data.Tokenizer.from_pretrained(data.DEFAULT_TOKENIZER)
+    cfg = data.DataConfig(cache_dir=str(work / "cache"))
+    times = [time.time()]
+    for _ in range(2):  # cold, then cached
+        _, stats = data.build_stage([orca2.Source("bench", str(path), erase=True)], tok, cfg, log=None)
+        times.append(time.time())
+    return dict(examples=stats["examples"], tokens=stats["tokens"], mbytes=round(path.stat().st_size / 1e6, 1),
+                cold_s=times[1] - times[0], cached_s=times[2] - times[1], efficiency=stats["efficiency"])
 
 
 def bench_data(cfg: BenchConfig) -> list[dict]:
@@ -248,6 +295,114 @@ def bench_data(cfg: BenchConfig) -> list[dict]:
                  f"tokens), {os.cpu_count()} cores", cold_s=r["cold_s"], cached_s=r["cached_s"],
                  ex_s=r["examples"] / r["cold_s"], ratio=r["cold_s"] / max(r["cached_s"], 1e-9),
                  efficiency=r["efficiency"], mb=r["peak_rss_mb"])]
+
+
+# ---- scale: an OpenOrca-like parquet through `python data.py FILE.parquet` ----
+
+# Orca 1-style system messages, as in OpenOrca's system_prompt column (the empty one included).
+OPENORCA_SYSTEMS = [
+    "",
+    "You are an AI assistant. User will you give you a task. Your goal is to complete the task as faithfully as you "
+    "can. While performing the task think step-by-step and justify your steps.",
+    "You are a helpful assistant, who always provide explanation. Think like you are answering to a five year old.",
+    "You are an AI assistant. You will be given a task. You must generate a detailed and long answer.",
+    "You are an AI assistant that helps people find information. Provide a detailed answer so user don't need to "
+    "search outside to understand the answer.",
+    "You should describe the task and explain your answer. While answering a multiple choice question, first output "
+    "the correct answer(s). Then explain why other answers are wrong. Think like you are answering to a five year old.",
+    "You are an AI assistant that follows instruction extremely well. Help as much as you can.",
+    "You are a teacher. Given a task, you explain in simple steps what the task is asking, any guidelines it provides "
+    "and how to use those guidelines to find the answer.",
+]
+
+
+def make_openorca_parquet(path: Path, rows: int, group_rows: int = 10_000) -> None:
+    """OpenOrca's columns (id, system_prompt, question, response) from the shipped sample's questions and answers
+    under random Orca 1 system messages, every row made unique; written one row group at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import data
+    pairs = [(r["input"]["messages"][-1]["content"], r["preferred_output"][0]["content"])
+             for r in map(json.loads, data.SAMPLE_DATA.read_text().splitlines())]
+    rng = np.random.default_rng(0)
+    schema = pa.schema([(c, pa.string()) for c in ("id", "system_prompt", "question", "response")])
+    tmp = path.with_name(path.name + ".tmp")
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for a in range(0, rows, group_rows):
+            ks, pick = range(a, min(a + group_rows, rows)), rng.integers(0, len(pairs), min(group_rows, rows - a))
+            writer.write_table(pa.table({
+                "id": [f"flan.{k}" for k in ks],
+                "system_prompt": [OPENORCA_SYSTEMS[i] for i in rng.integers(0, len(OPENORCA_SYSTEMS), len(ks))],
+                "question": [f"({k}) {pairs[i][0]}" for k, i in zip(ks, pick)],
+                "response": [f"{pairs[i][1]} ({k})" for k, i in zip(ks, pick)]}, schema=schema))
+    tmp.rename(path)
+
+
+def tree_sample(pid: int, cpu: dict[int, float]) -> tuple[float, float]:
+    """(RSS, PSS) in MB summed over a process and all its descendants, and each one's CPU seconds so far into cpu.
+    PSS splits shared pages between the processes that map them, so its sum is the tree's real footprint (RSS counts
+    shared library pages once per process)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            after_name = stat.read_text().rsplit(")", 1)[1].split()  # state, ppid, ...; utime, stime at 11, 12
+        except OSError:  # the process ended meanwhile
+            continue
+        children.setdefault(int(after_name[1]), []).append(int(stat.parent.name))
+        cpu[int(stat.parent.name)] = (int(after_name[11]) + int(after_name[12])) / os.sysconf("SC_CLK_TCK")
+    todo, rss, pss, tree = [pid], 0.0, 0.0, []
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+        try:
+            for line in open(f"/proc/{p}/smaps_rollup"):
+                key, value = line.split()[:2]
+                rss += int(value) / 1024 if key == "Rss:" else 0
+                pss += int(value) / 1024 if key == "Pss:" else 0
+        except (OSError, ValueError):  # ended, or the header line of the file
+            continue
+    return rss, pss, tree
+
+
+def scale_case(rows: int) -> dict:
+    """`python data.py FILE.parquet` on a fresh cache; its process tree's memory and CPU time sampled every 0.2 s."""
+    work = ROOT / "out" / "bench" / "scale"
+    path = work / f"openorca-{rows}.parquet"
+    work.mkdir(parents=True, exist_ok=True)
+    if not path.is_file():
+        make_openorca_parquet(path, rows)
+    shutil.rmtree(work / "cache", ignore_errors=True)
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "data.py"), str(path), "--cache_dir", str(work / "cache")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak_rss = peak_pss = 0.0
+    cpu, tree = {}, set()
+    while proc.poll() is None:
+        rss, pss, pids = tree_sample(proc.pid, cpu)
+        peak_rss, peak_pss, tree = max(peak_rss, rss), max(peak_pss, pss), tree | set(pids)
+        time.sleep(0.2)
+    wall = time.perf_counter() - t
+    if proc.returncode:
+        raise RuntimeError(f"data.py failed on {path}:\n{proc.stderr.read()[-3000:]}")
+    (meta,) = [json.loads(m.read_text()) for m in (work / "cache").glob("tokens-*/meta.json")]
+    return dict(rows=meta["lines"], examples=meta["examples"], tokens=meta["tokens"], workers=meta["workers"],
+                mbytes=path.stat().st_size / 1e6, wall_s=wall, tokenize_s=meta["seconds"], peak_rss_tree=peak_rss,
+                peak_pss_tree=peak_pss, worker_rss=meta["worker_peak_rss_mb"], cpu_s=sum(cpu[p] for p in tree))
+
+
+def bench_scale(cfg: BenchConfig) -> list[dict]:
+    """Wall-clock rates on this machine, and per core as tokens per CPU-second of the whole tree (robust to other
+    load on the machine): what a user multiplies by a node's cores to estimate a stage."""
+    rows = 20_000 if cfg.quick else 200_000
+    r = in_child(scale_case, rows)
+    per_cpu_s = r["rows"] / r["cpu_s"]
+    return [dict(section="scale", case=f"`python data.py` on {r['rows']:,} OpenOrca-like parquet rows ({r['mbytes']:.0f} MB, "
+                 f"{r['tokens'] / 1e6:.1f}M tokens), {r['workers']} worker processes", wall_s=r["wall_s"],
+                 rows_s=r["rows"] / r["wall_s"], tok_s=r["tokens"] / r["wall_s"], cpu_s=r["cpu_s"],
+                 rows_core=per_cpu_s, tok_core=r["tokens"] / r["cpu_s"], est_5m_64=5e6 / (per_cpu_s * 64) / 60,
+                 pss_mb=r["peak_pss_tree"], rss_mb=r["peak_rss_tree"], worker_mb=r["worker_rss"],
+                 ratio=1500 / r["peak_pss_tree"])]
 
 
 # ---- generation ----
@@ -345,7 +500,7 @@ def bench_load(cfg: BenchConfig) -> list[dict]:
 # ---- report ----
 
 SECTIONS = {"attention": bench_attention, "train": bench_train, "packing": bench_packing, "data": bench_data,
-            "generate": bench_generate, "load": bench_load}
+            "scale": bench_scale, "generate": bench_generate, "load": bench_load}
 COLUMNS = {  # section -> (header, [(column title, key, format)])
     "attention": ("Packed per-document attention vs dense block-diagonal mask (fwd+bwd)",
                   [("packed ms", "packed_ms", ".1f"), ("dense ms", "dense_ms", ".1f"), ("dense / packed", "ratio", ".2f"),
@@ -361,6 +516,12 @@ COLUMNS = {  # section -> (header, [(column title, key, format)])
     "data": ("Data pipeline: tokenize + pack", [("cold s", "cold_s", ".1f"), ("cached s", "cached_s", ".2f"),
              ("examples/s cold", "ex_s", ".0f"), ("cold / cached", "ratio", ".0f"), ("packing eff.", "efficiency", ".2%"),
              ("peak MB", "mb", ".0f")]),
+    "scale": ("Scale: tokenize + pack an OpenOrca-like parquet (the whole command; per core = per CPU-second of its "
+              "process tree)", [("seconds", "wall_s", ".0f"), ("rows/s", "rows_s", ".0f"), ("tokens/s", "tok_s", ".0f"),
+                                ("CPU s", "cpu_s", ".0f"), ("rows/s per core", "rows_core", ".0f"),
+                                ("tokens/s per core", "tok_core", ".0f"), ("5M rows on 64 cores, min", "est_5m_64", ".1f"),
+                                ("peak PSS MB (tree)", "pss_mb", ".0f"), ("peak RSS MB (tree sum)", "rss_mb", ".0f"),
+                                ("worker peak RSS MB", "worker_mb", ".0f"), ("1500 MB / peak PSS", "ratio", ".2f")]),
     "generate": ("Batched greedy generation", [("KV cache tok/s", "cache_tok_s", ".0f"),
                  ("no cache tok/s", "nocache_tok_s", ".0f"), ("cache / no cache", "ratio", ".2f")]),
     "load": ("Loading the release layout: peak anonymous memory (RssAnon)",

@@ -161,10 +161,8 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 class DocLayout:
     """Where the documents of a packed batch lie, computed once per forward and shared by every layer.
 
-    A document starts wherever position_ids is 0 (and at the start of each row). Tokens are permuted so that
-    documents of equal length sit next to each other; each length L then is one (N, L) batch and one causal
-    attention call, so the cost is sum(L_i^2). When the documents already come in that order (one document,
-    or equal lengths) the permutation is skipped."""
+    A document starts wherever position_ids is 0 (and at the start of each row). Documents of equal length L are
+    stacked into one (N, L) batch for one causal attention call, so the cost is sum(L_i^2), never T^2."""
 
     def __init__(self, position_ids: torch.Tensor):
         B, T = position_ids.shape
@@ -180,11 +178,11 @@ class DocLayout:
             bad = (pos != expected).nonzero()[0].item()
             raise ValueError(f"position_ids must restart at 0 for each document and count up by 1 within it; "
                              f"row {bad // T}, column {bad % T} has {pos[bad].item()}, expected {expected[bad].item()}")
-        docs = sorted(zip(lengths.tolist(), starts.tolist()))  # (length, start), grouped by length
-        self.groups = sorted(Counter(lengths.tolist()).items())  # (L, number of documents of length L)
-        self.perm = torch.cat([torch.arange(s, s + n, device=pos.device) for n, s in docs])  # token order
-        self.identity = bool(torch.equal(self.perm, torch.arange(B * T, device=pos.device)))
-        self.inverse = torch.argsort(self.perm)
+        self.lengths = lengths.tolist()  # document lengths in token order (B*T in all)
+        by_length: dict[int, list[int]] = {}
+        for i, n in enumerate(self.lengths):
+            by_length.setdefault(n, []).append(i)
+        self.groups = list(by_length.values())  # document indices, one list per distinct length
 
 
 class Attention(nn.Module):
@@ -218,20 +216,19 @@ class Attention(nn.Module):
 
 
 def packed_attention(q, k, v, layout: DocLayout) -> torch.Tensor:
-    """Causal attention inside each document only; one SDPA call per distinct document length."""
+    """Causal attention inside each document only; one SDPA call per distinct document length.
+
+    Documents are cut with split/stack/unbind/cat, whose backward passes are as cheap as their forward (slicing
+    or index_select would write a full-size gradient per document)."""
     B, nh, T, hd = q.shape
-    q, k, v = (t.transpose(1, 2).reshape(B * T, nh, hd) for t in (q, k, v))  # (B*T, nh, hd)
-    if not layout.identity:
-        q, k, v = (t.index_select(0, layout.perm) for t in (q, k, v))  # documents grouped by length
-    out, s = [], 0
-    for L, N in layout.groups:
-        qi, ki, vi = (t[s:s + N * L].view(N, L, nh, hd).transpose(1, 2) for t in (q, k, v))  # (N, nh, L, hd)
-        yi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True)  # (N, nh, L, hd)
-        out.append(yi.transpose(1, 2).reshape(N * L, nh, hd))
-        s += N * L
+    q, k, v = (t.transpose(1, 2).reshape(B * T, nh, hd).split(layout.lengths) for t in (q, k, v))  # (L_i, nh, hd) each
+    out = [None] * len(layout.lengths)
+    for docs in layout.groups:
+        qi, ki, vi = (torch.stack([t[i] for i in docs]).transpose(1, 2) for t in (q, k, v))  # (N, nh, L, hd)
+        yi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True).transpose(1, 2)  # (N, L, nh, hd)
+        for i, y in zip(docs, yi.unbind(0)):
+            out[i] = y
     y = torch.cat(out) if len(out) > 1 else out[0]  # (B*T, nh, hd)
-    if not layout.identity:
-        y = y.index_select(0, layout.inverse)
     return y.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
 
 
