@@ -300,12 +300,13 @@ class Transformer(nn.Module):
             params[name].copy_(t)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, caches: list[KVCache] | None = None, cache_pos: int = 0,
-                last_only: bool = False):
+                logits_at: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                caches: list[KVCache] | None = None, cache_pos: int = 0):
         """Logits (B, T, V). With position_ids, each row is a packed batch of documents starting where pos == 0.
 
-        mask / caches / cache_pos / last_only are for generate(): an explicit (B, 1, T, S) boolean mask, the KV
-        caches, and logits of the last position only (B, 1, V), which spares a (B, T, V) tensor at prefill."""
+        logits_at, a (B, T) boolean mask, returns only the logits there, (N, V): training needs them at the
+        teacher's tokens only, generation at the last position, and the output layer is the costliest part of a
+        small model. mask / caches / cache_pos are for generate(): a (B, 1, T, S) boolean mask and the KV caches."""
         if caches is None:
             self.check_inputs(input_ids, position_ids)
         B, T = input_ids.shape
@@ -322,9 +323,9 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta, h.dtype)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, cos, sin, layout, mask, caches[i] if caches else None, cache_pos)
-        if last_only:
-            h = h[:, -1:]  # (B, 1, C)
-        return self.lm_head(self.model.norm(h))  # (B, T, V)
+        if logits_at is not None:
+            h = h[logits_at]  # (N, C)
+        return self.lm_head(self.model.norm(h))  # (B, T, V), or (N, V) with logits_at
 
     def check_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None):
         if input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int):
@@ -377,14 +378,16 @@ class Transformer(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=device)
         stops = torch.tensor(stop_ids, device=device)
         pos = 0
+        last = torch.zeros(B, S, dtype=torch.bool, device=device)
+        last[:, -1] = True  # logits_at: the last position of whatever slice is fed
         for t in range(P, S):
             if use_cache:  # prefill the prompt once, then one token per step
                 sl = slice(pos, t)
-                logits = self(tokens[:, sl], positions[:, sl], full_mask[:, None, sl, :t], caches, pos, last_only=True)
+                logits = self(tokens[:, sl], positions[:, sl], last[:, pos - t:], full_mask[:, None, sl, :t], caches, pos)
                 pos = t
             else:  # recompute the whole prefix every step (the baseline the cache is measured against)
-                logits = self(tokens[:, :t], positions[:, :t], full_mask[:, None, :t, :t], last_only=True)
-            nxt = sample(logits[:, -1].float(), temperature, top_p, generator)  # (B,)
+                logits = self(tokens[:, :t], positions[:, :t], last[:, -t:], full_mask[:, None, :t, :t])
+            nxt = sample(logits.float(), temperature, top_p, generator)  # (B,)
             nxt = torch.where(done, pad_id, nxt)
             tokens[:, t] = nxt
             finished_now = torch.isin(nxt, stops) & ~done

@@ -455,10 +455,11 @@ def main(argv: list[str]):
             for m, b in enumerate(batches):
                 if mesh is not None:  # reduce-scatter gradients only after the last micro-batch
                     model.set_requires_gradient_sync(m == accum - 1)
-                with autocast:
-                    logits = model(b["input_ids"].to(device), b["position_ids"].to(device))
-                loss = F.cross_entropy(logits.float().flatten(0, 1), b["labels"].to(device).flatten(),
-                                       ignore_index=-100, reduction="sum")
+                labels = b["labels"].to(device)
+                supervised = labels != -100
+                with autocast:  # logits only where there is a label: the output layer is costly
+                    logits = model(b["input_ids"].to(device), b["position_ids"].to(device), logits_at=supervised)
+                loss = F.cross_entropy(logits.float(), labels[supervised], reduction="sum")
                 # FSDP averages gradients over the ranks; the factor `world` turns that mean back into a sum.
                 (loss * (world / max(n_sup, 1))).backward()
                 loss_sum += loss.detach()

@@ -108,6 +108,8 @@ def test_packed_path_equals_dense_block_diagonal_reference():
     model.attn_impl = "dense"
     dense = model(ids, pos)
     torch.testing.assert_close(packed, dense, atol=1e-5, rtol=1e-5)
+    keep = torch.rand(3, 64, generator=torch.Generator().manual_seed(1)) < 0.3  # logits at chosen positions only
+    torch.testing.assert_close(model(ids, pos, logits_at=keep), dense[keep], atol=1e-5, rtol=1e-5)
     # no leakage: changing document 1 of row 2 leaves the logits of its other documents unchanged
     ids2 = ids.clone()
     ids2[2, 20:40] = (ids2[2, 20:40] + 1) % 300
