@@ -66,7 +66,7 @@ class TrainConfig:
     global_batch: int = 8
     micro_batch: int = 2
     # optimizer (ORCA2.md 5.4: not published; these are the project's defaults)
-    lr: float = 1e-3               # peak learning rate of the single stage (per-stage lr comes from `stages`)
+    lr: float = 3e-3               # peak learning rate of the single stage (per-stage lr comes from `stages`)
     warmup_ratio: float = 0.03     # linear warmup over this share of the stage's steps
     min_lr_ratio: float = 0.1      # cosine decay ends at min_lr_ratio * peak
     beta1: float = 0.9
@@ -97,6 +97,8 @@ class TrainConfig:
     seed: int = 0                  # model init and data order
     prompt: str = "Which is heavier, a kilogram of feathers or a kilogram of iron? Explain briefly."  # held-out prompt answered at the end
     max_new_tokens: int = 64       # length of that answer
+    temperature: float = 0.7       # sampling temperature of that answer (0 = greedy; a tiny model repeats itself greedily)
+    top_p: float = 0.9             # nucleus sampling of that answer
     dry_run: bool = False          # resolve config and data, print the plan, do not train
 
 
@@ -505,8 +507,10 @@ def main(argv: list[str]):
 
     export_hf(model, tok, out_dir / "export" / "final", cfg, rank)
     prompt = tok.encode_prompt(orca2.CAUTIOUS_SYSTEM_MESSAGE, cfg.prompt)
-    answer = model.generate([prompt], cfg.max_new_tokens, stop_ids=tok.stop_ids)[0]
-    print0(f"\nheld-out prompt (cautious system message): {cfg.prompt}\nanswer: {tok.decode(answer)}")
+    answer = model.generate([prompt], cfg.max_new_tokens, stop_ids=tok.stop_ids, temperature=cfg.temperature,
+                            top_p=cfg.top_p, generator=torch.Generator(device).manual_seed(cfg.seed))[0]
+    print0(f"\nheld-out prompt (cautious system message): {cfg.prompt}\n"
+           f"answer: {tok.decode(answer, skip_special=True).strip()}")
     finish(metrics)
 
 
