@@ -263,11 +263,25 @@ def bench_packing(cfg: BenchConfig) -> list[dict]:
 # ---- data pipeline ----
 
 
-def data_case(n: int) -> dict:
-    """Seconds to tokenize and pack n Orca-style examples (the shipped sample's lines, each made unique so nothing is
-    encoded only once), cold and then from the cache."""
+def data_timing(path: str, cache: str) -> dict:
+    """Tokenize and pack one file cold, then from the cache, in this process (its tokenizer workers under it)."""
     import data
     import orca2
+    tok = data.Tokenizer.from_pretrained(data.DEFAULT_TOKENIZER)
+    cfg = data.DataConfig(cache_dir=cache)
+    times = [time.time()]
+    for _ in range(2):  # cold, then cached
+        _, stats = data.build_stage([orca2.Source("bench", path, erase=True)], tok, cfg, log=None)
+        times.append(time.time())
+    return dict(examples=stats["examples"], tokens=stats["tokens"], cold_s=times[1] - times[0],
+                cached_s=times[2] - times[1], efficiency=stats["efficiency"],
+                rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def data_case(n: int) -> dict:
+    """n Orca-style examples (the shipped sample's lines, each made unique so nothing is encoded only once), timed by
+    data_timing in a fresh interpreter: in_child's daemonic process may not start the tokenizer's worker processes."""
+    import data
     work, lines = ROOT / "out" / "bench" / "data", [line for line in data.SAMPLE_DATA.read_text().splitlines() if line]
     shutil.rmtree(work / "cache", ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -278,14 +292,11 @@ def data_case(n: int) -> dict:
             r["input"]["messages"][-1]["content"] = f"({k}) " + r["input"]["messages"][-1]["content"]
             r["preferred_output"][0]["content"] += f" ({k})"
             f.write(json.dumps(r) + "\n")
-    tok = data.Tokenizer.from_pretrained(data.DEFAULT_TOKENIZER)
-    cfg = data.DataConfig(cache_dir=str(work / "cache"))
-    times = [time.time()]
-    for _ in range(2):  # cold, then cached
-        _, stats = data.build_stage([orca2.Source("bench", str(path), erase=True)], tok, cfg, log=None)
-        times.append(time.time())
-    return dict(examples=stats["examples"], tokens=stats["tokens"], mbytes=round(path.stat().st_size / 1e6, 1),
-                cold_s=times[1] - times[0], cached_s=times[2] - times[1], efficiency=stats["efficiency"])
+    code = f"import bench, json; print(json.dumps(bench.data_timing({str(path)!r}, {str(work / 'cache')!r})))"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(f"data_timing failed on {path}:\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.splitlines()[-1]) | dict(mbytes=round(path.stat().st_size / 1e6, 1))
 
 
 def bench_data(cfg: BenchConfig) -> list[dict]:
@@ -294,7 +305,7 @@ def bench_data(cfg: BenchConfig) -> list[dict]:
     return [dict(section="data", case=f"{r['examples']:,} Orca-style examples ({r['mbytes']} MB JSONL, {r['tokens']:,} "
                  f"tokens), {os.cpu_count()} cores", cold_s=r["cold_s"], cached_s=r["cached_s"],
                  ex_s=r["examples"] / r["cold_s"], ratio=r["cold_s"] / max(r["cached_s"], 1e-9),
-                 efficiency=r["efficiency"], mb=r["peak_rss_mb"])]
+                 efficiency=r["efficiency"], mb=r["rss_mb"])]
 
 
 # ---- scale: an OpenOrca-like parquet through `python data.py FILE.parquet` ----
@@ -338,8 +349,8 @@ def make_openorca_parquet(path: Path, rows: int, group_rows: int = 10_000) -> No
     tmp.rename(path)
 
 
-def tree_sample(pid: int, cpu: dict[int, float]) -> tuple[float, float]:
-    """(RSS, PSS) in MB summed over a process and all its descendants, and each one's CPU seconds so far into cpu.
+def tree_sample(pid: int, cpu: dict[int, float]) -> tuple[float, float, list[int]]:
+    """(RSS MB, PSS MB, pids) summed over a process and all its descendants; each one's CPU seconds so far into cpu.
     PSS splits shared pages between the processes that map them, so its sum is the tree's real footprint (RSS counts
     shared library pages once per process)."""
     children: dict[int, list[int]] = {}
@@ -373,9 +384,9 @@ def scale_case(rows: int) -> dict:
     if not path.is_file():
         make_openorca_parquet(path, rows)
     shutil.rmtree(work / "cache", ignore_errors=True)
-    t = time.perf_counter()
+    t, log = time.perf_counter(), open(work / "data.py.log", "w")  # a file, not a pipe: a full pipe would block
     proc = subprocess.Popen([sys.executable, str(ROOT / "data.py"), str(path), "--cache_dir", str(work / "cache")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=log, stderr=subprocess.STDOUT)
     peak_rss = peak_pss = 0.0
     cpu, tree = {}, set()
     while proc.poll() is None:
@@ -383,12 +394,13 @@ def scale_case(rows: int) -> dict:
         peak_rss, peak_pss, tree = max(peak_rss, rss), max(peak_pss, pss), tree | set(pids)
         time.sleep(0.2)
     wall = time.perf_counter() - t
+    log.close()
     if proc.returncode:
-        raise RuntimeError(f"data.py failed on {path}:\n{proc.stderr.read()[-3000:]}")
+        raise RuntimeError(f"data.py failed on {path}:\n{(work / 'data.py.log').read_text()[-3000:]}")
     (meta,) = [json.loads(m.read_text()) for m in (work / "cache").glob("tokens-*/meta.json")]
     return dict(rows=meta["lines"], examples=meta["examples"], tokens=meta["tokens"], workers=meta["workers"],
                 mbytes=path.stat().st_size / 1e6, wall_s=wall, tokenize_s=meta["seconds"], peak_rss_tree=peak_rss,
-                peak_pss_tree=peak_pss, worker_rss=meta["worker_peak_rss_mb"], cpu_s=sum(cpu[p] for p in tree))
+                peak_pss_tree=peak_pss, cpu_s=sum(cpu[p] for p in tree))
 
 
 def bench_scale(cfg: BenchConfig) -> list[dict]:
@@ -397,12 +409,12 @@ def bench_scale(cfg: BenchConfig) -> list[dict]:
     rows = 20_000 if cfg.quick else 200_000
     r = in_child(scale_case, rows)
     per_cpu_s = r["rows"] / r["cpu_s"]
-    return [dict(section="scale", case=f"`python data.py` on {r['rows']:,} OpenOrca-like parquet rows ({r['mbytes']:.0f} MB, "
-                 f"{r['tokens'] / 1e6:.1f}M tokens), {r['workers']} worker processes", wall_s=r["wall_s"],
+    return [dict(section="scale", case=f"`python data.py` on {r['rows']:,} OpenOrca-like parquet rows "
+                 f"({r['mbytes']:.0f} MB, {r['tokens'] / 1e6:.1f}M tokens), {r['workers']} worker processes",
+                 wall_s=r["wall_s"], tokenize_s=r["tokenize_s"],
                  rows_s=r["rows"] / r["wall_s"], tok_s=r["tokens"] / r["wall_s"], cpu_s=r["cpu_s"],
                  rows_core=per_cpu_s, tok_core=r["tokens"] / r["cpu_s"], est_5m_64=5e6 / (per_cpu_s * 64) / 60,
-                 pss_mb=r["peak_pss_tree"], rss_mb=r["peak_rss_tree"], worker_mb=r["worker_rss"],
-                 ratio=1500 / r["peak_pss_tree"])]
+                 pss_mb=r["peak_pss_tree"], rss_mb=r["peak_rss_tree"], ratio=1500 / r["peak_pss_tree"])]
 
 
 # ---- generation ----
@@ -517,11 +529,12 @@ COLUMNS = {  # section -> (header, [(column title, key, format)])
              ("examples/s cold", "ex_s", ".0f"), ("cold / cached", "ratio", ".0f"), ("packing eff.", "efficiency", ".2%"),
              ("peak MB", "mb", ".0f")]),
     "scale": ("Scale: tokenize + pack an OpenOrca-like parquet (the whole command; per core = per CPU-second of its "
-              "process tree)", [("seconds", "wall_s", ".0f"), ("rows/s", "rows_s", ".0f"), ("tokens/s", "tok_s", ".0f"),
-                                ("CPU s", "cpu_s", ".0f"), ("rows/s per core", "rows_core", ".0f"),
-                                ("tokens/s per core", "tok_core", ".0f"), ("5M rows on 64 cores, min", "est_5m_64", ".1f"),
-                                ("peak PSS MB (tree)", "pss_mb", ".0f"), ("peak RSS MB (tree sum)", "rss_mb", ".0f"),
-                                ("worker peak RSS MB", "worker_mb", ".0f"), ("1500 MB / peak PSS", "ratio", ".2f")]),
+              "process tree)",
+              [("seconds", "wall_s", ".0f"), ("of which tokenizing", "tokenize_s", ".0f"), ("rows/s", "rows_s", ".0f"),
+               ("tokens/s", "tok_s", ".0f"), ("CPU s", "cpu_s", ".0f"), ("rows/s per core", "rows_core", ".0f"),
+               ("tokens/s per core", "tok_core", ".0f"), ("5M rows on 64 cores, min", "est_5m_64", ".1f"),
+               ("peak PSS MB (tree)", "pss_mb", ".0f"), ("peak RSS MB (tree sum)", "rss_mb", ".0f"),
+               ("1500 MB / peak PSS", "ratio", ".2f")]),
     "generate": ("Batched greedy generation", [("KV cache tok/s", "cache_tok_s", ".0f"),
                  ("no cache tok/s", "nocache_tok_s", ".0f"), ("cache / no cache", "ratio", ".2f")]),
     "load": ("Loading the release layout: peak anonymous memory (RssAnon)",

@@ -1,8 +1,8 @@
-"""Orca 2 training data: tokenizer, chat rendering, loss masks, packing, batches and the on-disk cache.
+"""Orca 2 training data: tokenizer, chat rendering, loss masks, input files, packing, batches and the on-disk cache.
 
     python data.py ../shared/data/orca-samples/orca_dpo_pairs_validation.jsonl        # one example + statistics
-    python data.py FILE --erase --max_len 2048 --on_too_long truncate --skip_bad_lines
-    python -c "import data; print(data.benchmark())"                                    # 100k examples, cold and cached
+    python data.py data/1M-GPT4-Augmented.parquet --erase --max_len 2048 --on_too_long truncate --skip_bad_lines
+    python data.py decontaminate --train FILE [FILE ...] --out report.json              # see decontaminate.py
 
 Label contract (what train.py relies on). A packed row holds whole documents back to back, each starting at
 position 0. `labels[t]` is the target of the logits at position t, i.e. the NEXT token, already shifted:
@@ -11,8 +11,9 @@ of every document is -100 (no label ever points at the next document's first tok
 `cross_entropy(logits.view(-1, V), labels.view(-1), ignore_index=-100, reduction="sum")` with no shifting of its own.
 Teacher tokens are exactly `"\\n" + response + "<|im_end|>"` of every assistant turn (ORCA2.md 5.1).
 
-Pipeline: JSONL file -> Conversation (format detected per file) -> segments of orca2's template -> token ids plus a
-"teacher token" flag per token -> memory-mapped arrays in the cache -> best-fit-decreasing packs -> get_batch.
+Pipeline: JSONL or parquet file as published (OpenOrca, FLAN) -> parts (byte ranges, row-group slices) -> workers:
+Conversation (format detected per file) -> orca2's template -> ids + teacher flags -> parent: exact duplicates dropped
+-> memory-mapped cache (other scalar columns, e.g. FLAN's task_name: columns.parquet) -> best-fit packs -> get_batch.
 """
 
 import argparse
@@ -21,14 +22,19 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from bisect import bisect_left, insort
+from collections import Counter
 from dataclasses import dataclass, fields, replace
+from itertools import islice
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import sentencepiece as spm
 import torch
 from tqdm import tqdm
@@ -39,15 +45,17 @@ from orca2 import (ERASED_SYSTEM_MESSAGE, IM_END, IM_START, PAD, PAD_ID, SPECIAL
 ROOT = Path(__file__).resolve().parent
 DEFAULT_TOKENIZER = ROOT.parent / "shared/data/llama2-tokenizer/tokenizer.model"
 SAMPLE_DATA = ROOT.parent / "shared/data/orca-samples/orca_dpo_pairs_validation.jsonl"
-CACHE_VERSION = 1  # bump whenever rendering, tokenization or the cache layout changes
+CACHE_VERSION = 2  # bump whenever rendering, tokenization or the cache layout changes
 CHUNK_BYTES = 1 << 20  # bytes of JSONL per tokenizer job
+PART_ROWS = 8192  # parquet rows per tokenizer job: a row group is cut into slices of at most this
+BATCH_ROWS = 1024  # records a worker encodes at once: bounds its Python objects
 
 
 @dataclass
 class DataConfig:
     max_len: int = 4096            # tokens per packed row; also the longest example kept (published: 4096)
     on_too_long: str = "drop"      # "drop" or "truncate" examples longer than max_len; counted either way
-    skip_bad_lines: bool = False   # skip malformed JSONL lines (counted, reported) instead of raising
+    skip_bad_lines: bool = False   # skip malformed records (JSONL lines, parquet rows; counted) instead of raising
     seed: int = 0                  # seeds the mixture sampling of sources with weight != 1
     num_workers: int = 0           # tokenizer processes; 0 = one per available CPU core
     cache_dir: str = str(ROOT / "cache")  # memory-mapped tokens and packs, keyed by inputs and settings
@@ -58,12 +66,6 @@ class DataConfig:
 # sentencepiece has no switch for the dummy prefix, so we append a second NormalizerSpec (ModelProto field 3) holding
 # only add_dummy_prefix = false (field 3, varint 0). Protobuf merges repeated message fields: only that flag changes.
 NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
-
-
-def default_added_tokens(sp_vocab_size: int) -> dict[str, int]:
-    """The release's added tokens in orca2's order ([PAD], <|im_start|>, <|im_end|>) right after the SentencePiece
-    vocabulary: 32000-32002 for LLaMA-2 (= orca2.SPECIAL_IDS), 512-514 for the tiny tok512 model."""
-    return {s: sp_vocab_size + SPECIAL_IDS[s] - PAD_ID for s in (PAD, IM_START, IM_END)}
 
 
 class Segment(NamedTuple):
@@ -80,7 +82,8 @@ class Tokenizer:
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.sp_raw = spm.SentencePieceProcessor(model_proto=model_proto + NO_DUMMY_PREFIX)
         n = self.sp.vocab_size()
-        self.added = dict(added_tokens) if added_tokens else default_added_tokens(n)  # marker string -> id
+        # marker -> id; default: orca2's added tokens right after the SentencePiece vocabulary (32000-32002 for LLaMA-2)
+        self.added = dict(added_tokens or {s: n + SPECIAL_IDS[s] - PAD_ID for s in (PAD, IM_START, IM_END)})
         ids = list(self.added.values())
         if {IM_START, IM_END} - set(self.added) or min(ids) < n or len(set(ids)) != len(ids):
             raise ValueError(f"added tokens {self.added} need {IM_START} and {IM_END}, with distinct ids >= {n} "
@@ -184,13 +187,9 @@ class Conversation:
 def _template(render: Callable[..., str], *names: str) -> list:
     """Split one of orca2's render functions into markers and text parts, so the template lives only in orca2.py."""
     text = render(*(f"\x00{n}\x00" for n in names))  # \x00 never occurs in the template itself
-    parts = []
-    for piece in re.split(f"({re.escape(IM_START)}|{re.escape(IM_END)})", text):
-        if piece in (IM_START, IM_END):
-            parts.append(piece)
-        elif piece:
-            parts.append(tuple(piece.split("\x00")))  # literal, field name, literal, field name, ..., literal
-    return parts
+    pieces = re.split(f"({re.escape(IM_START)}|{re.escape(IM_END)})", text)
+    # a marker stays a string; text becomes (literal, field name, literal, field name, ..., literal)
+    return [p if p in (IM_START, IM_END) else tuple(p.split("\x00")) for p in pieces if p]
 
 
 PROMPT = _template(render_prompt, "system", "user")
@@ -235,24 +234,17 @@ def source_system(source: Source) -> str | None:
     return source.system if source.system is not None else (ERASED_SYSTEM_MESSAGE if source.erase else None)
 
 
-# ---- input formats ----
+# ---- input formats: JSONL and parquet ----
 
-FORMATS = {  # name -> (the keys that identify it, what a line looks like), in the order detection tries them
+FORMATS = {  # name -> (the keys that identify it, what a record looks like), in the order detection tries them
     "preference": ({"preferred_output"}, '{"input": {"messages": [system, user]}, "preferred_output": [assistant]}'),
     "sharegpt": ({"conversations"}, '{"conversations": [{"from": "system"|"human"|"gpt", "value": ...}, ...]}'),
     "messages": ({"messages"}, '{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}'),
-    "openorca": ({"question", "response"}, '{"system_prompt": ..., "question": ..., "response": ...}'),
+    "openorca": ({"question", "response"}, '{"system_prompt": ..., "question": ..., "response": ...} (OpenOrca)'),
+    "flan": ({"inputs", "targets"}, '{"inputs": ..., "targets": ...} (FLAN collection; empty system message)'),
 }
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant"}
-
-
-def detect_format(record: object) -> str:
-    """The format of one parsed JSONL record (a file's format is that of its first record)."""
-    for fmt, (keys, _) in FORMATS.items():
-        if isinstance(record, dict) and keys <= set(record):
-            return fmt
-    raise ValueError("unknown record layout; expected one of: " + "; ".join(line for _, line in FORMATS.values()))
 
 
 def _messages(items: object, role_key: str, text_key: str, what: str) -> list[tuple[str, str]]:
@@ -283,13 +275,14 @@ def _conversation(messages: list[tuple[str, str]]) -> Conversation:
 
 
 def parse_record(record: object, fmt: str) -> Conversation:
-    """One parsed JSONL record of a known format to a Conversation; ValueError says what is wrong."""
+    """One record (a JSONL line's value, a parquet row) of a known format to a Conversation; ValueError says why not."""
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    if fmt == "openorca":
-        values = [record.get(k) for k in ("system_prompt", "question", "response")]
+    if fmt in ("openorca", "flan"):
+        keys = ("system_prompt", "question", "response") if fmt == "openorca" else (None, "inputs", "targets")
+        values = [record.get(k) if k else "" for k in keys]
         if not all(isinstance(v, str) for v in values):
-            raise ValueError(f"openorca lines need string fields system_prompt, question, response: {FORMATS[fmt][1]}")
+            raise ValueError(f"{fmt} records need string fields {', '.join(filter(None, keys))}: {FORMATS[fmt][1]}")
         return _conversation(list(zip(("system", "user", "assistant"), values)))
     if fmt in ("sharegpt", "messages"):
         key, role, text = ("conversations", "from", "value") if fmt == "sharegpt" else ("messages", "role", "content")
@@ -302,19 +295,58 @@ def parse_record(record: object, fmt: str) -> Conversation:
     raise ValueError(f"unknown format {fmt!r}; known: {sorted(FORMATS)}")
 
 
-def detect_file_format(path: Path) -> str:
-    """A file's format, from its first non-blank line."""
+def detect_file_format(path: Path) -> tuple[str, list[str]]:
+    """Format and metadata columns (other scalar columns: FLAN's task_name, ...) from a schema or first JSONL line."""
+    if path.suffix == ".parquet":
+        schema = pq.ParquetFile(path).schema_arrow
+        where, names, scalar = str(path), schema.names, [f.name for f in schema if not pa.types.is_nested(f.type)]
+    else:
+        with open(path, "rb") as f:
+            lineno, line = next(((k, s) for k, s in enumerate(f, 1) if s.strip()), (0, b"{}"))
+        where = f"{path}:{lineno}" if lineno else f"{path} (no examples)"
+        try:
+            record = json.loads(line)
+        except ValueError as e:  # includes UTF-8 errors
+            raise ValueError(f"{where}: {e}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {record!r:.200}")
+        names, scalar = list(record), [k for k, v in record.items() if not isinstance(v, (list, dict))]
+    fmt = next((f for f, (keys, _) in FORMATS.items() if keys <= set(names)), None)
+    if fmt is None:
+        raise ValueError(f"{where}: unknown column layout, found columns {names}; expected one of: " +
+                         "; ".join(line for _, line in FORMATS.values()))
+    return fmt, [c for c in scalar if c not in FORMATS[fmt][0] | {"system_prompt"}]
+
+
+def file_parts(path: Path, chunk_bytes: int = CHUNK_BYTES, part_rows: int = PART_ROWS) -> list[tuple[int, ...]]:
+    """Jobs: JSONL byte ranges ending after a newline; parquet (row group, first, end) record batches of BATCH_ROWS."""
+    if path.suffix == ".parquet":
+        meta, step = pq.ParquetFile(path).metadata, max(part_rows // BATCH_ROWS, 1)
+        batches = [-(-meta.row_group(g).num_rows // BATCH_ROWS) for g in range(meta.num_row_groups)]
+        return [(g, b, min(b + step, n)) for g, n in enumerate(batches) for b in range(0, n, step)]
+    size, bounds = path.stat().st_size, [0]
     with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    return detect_format(json.loads(line))
-                except ValueError as e:
-                    raise ValueError(f"{path}:{lineno}: {e}") from None
-    raise ValueError(f"{path} has no examples")
+        while bounds[-1] < size:
+            f.seek(min(bounds[-1] + chunk_bytes, size))
+            f.readline()
+            bounds.append(min(f.tell(), size))
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
-# ---- tokenizing a file into the cache (several processes) ----
+def read_part(path: Path, part: tuple[int, ...]) -> Iterator[list]:
+    """A part's records in lists: parquet rows as dicts, BATCH_ROWS at a time; JSONL lines as bytes (parsed later)."""
+    if path.suffix == ".parquet":  # streamed; a part that starts inside a row group decodes the batches before it
+        group, first, end = part  # no pre-buffering of the whole row group, no arrow threads inside a worker
+        batches = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20).iter_batches(
+            BATCH_ROWS, row_groups=[group], use_threads=False)
+        yield from (batch.to_pylist() for batch in islice(batches, first, end))
+        return
+    with open(path, "rb") as f:
+        f.seek(part[0])
+        yield f.read(part[1] - part[0]).removesuffix(b"\n").split(b"\n")  # ~1 MB of lines; the last newline ends one
+
+
+# ---- tokenizing a file into the cache (several processes), dropping exact duplicates ----
 
 
 @dataclass
@@ -325,7 +357,7 @@ class TokenizedData:
     sup: np.ndarray          # (tokens,) uint8, 1 where the token is a teacher token
     offsets: np.ndarray      # (docs + 1,) int64: document i is ids[offsets[i]:offsets[i + 1]]
     sup_counts: np.ndarray   # (docs,) int32 teacher tokens per document
-    meta: dict               # counts and settings, see tokenize_source
+    meta: dict               # counts and settings, see tokenize_source; metadata columns: folder / columns.parquet
 
 
 def _read(path: Path, dtype: str) -> np.ndarray:
@@ -334,8 +366,8 @@ def _read(path: Path, dtype: str) -> np.ndarray:
 
 def load_tokenized(folder: Path) -> TokenizedData:
     meta = json.loads((folder / "meta.json").read_text())
-    return TokenizedData(folder, _read(folder / "ids.bin", meta["dtype"]), _read(folder / "sup.bin", "uint8"),
-                         _read(folder / "offsets.bin", "int64"), _read(folder / "sup_counts.bin", "int32"), meta)
+    arrays = dict(ids=meta["dtype"], sup="uint8", offsets="int64", sup_counts="int32")
+    return TokenizedData(folder, *(_read(folder / f"{name}.bin", dtype) for name, dtype in arrays.items()), meta)
 
 
 def _cache_key(*parts: object) -> str:
@@ -351,36 +383,30 @@ def _commit(tmp: Path, folder: Path, meta: dict) -> None:
         shutil.rmtree(tmp)
 
 
-def _tokenize_chunk(tok: Tokenizer, job: tuple) -> dict:
-    """Parse, render and tokenize the lines in one byte range of a file."""
-    path, begin, end, fmt, system, max_len, truncate = job
-    with open(path, "rb") as f:
-        f.seek(begin)
-        data = f.read(end - begin)
-    lines = data.split(b"\n")
-    if data.endswith(b"\n"):
-        lines.pop()  # a final newline ends the last line; it does not start another
-    convs, errors = [], []
-    for k, line in enumerate(lines):
-        if not line.strip():
-            continue  # blank lines hold no example
-        try:
-            convs.append(override_system(parse_record(json.loads(line), fmt), system))
-        except ValueError as e:  # includes JSON and UTF-8 errors
-            errors.append((k, str(e)))
-    ids, sup, lengths = tok.encode_docs([render_segments(c) for c in convs])
-    ids = np.array(ids, dtype=np.uint16 if tok.vocab_size <= 1 << 16 else np.int32)
-    sup, lengths = np.array(sup, np.uint8), np.array(lengths, np.int64)
-    too_long = int((lengths > max_len).sum())
-    if too_long:  # keep the first max_len tokens of each document, or only the documents that fit
-        pos = np.arange(len(ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        keep = pos < max_len if truncate else np.repeat(lengths <= max_len, lengths)
-        ids, sup = ids[keep], sup[keep]
-        lengths = np.minimum(lengths, max_len) if truncate else lengths[lengths <= max_len]
-    starts = np.cumsum(lengths) - lengths
-    sup_counts = np.add.reduceat(sup, starts, dtype=np.int32) if len(lengths) else np.zeros(0, np.int32)
-    return dict(ids=ids, sup=sup, lengths=lengths, sup_counts=sup_counts, lines=len(lines), errors=errors,
-                too_long=too_long)
+def _tokenize_part(tok: Tokenizer, job: tuple) -> dict:
+    """Per document of one part: ids, teacher flags, length, hash, metadata; per bad record: (number, error)."""
+    path, part, fmt, columns, system = job
+    out = dict(ids=[], sup=[], lengths=[], hashes=[], columns=[], errors=[], records=0)
+    for batch in read_part(path, part):
+        convs = []
+        for k, record in enumerate(batch, out["records"]):
+            if isinstance(record, bytes) and not record.strip():
+                continue  # a blank JSONL line holds no example
+            try:
+                record = json.loads(record) if isinstance(record, bytes) else record  # JSON and UTF-8 errors too
+                convs.append(override_system(parse_record(record, fmt), system))
+                out["columns"].append({c: v if isinstance(v, str) else json.dumps(v)
+                                       for c, v in zip(columns, map(record.get, columns))})
+            except ValueError as e:
+                out["errors"].append((k, str(e)))
+        out["records"] += len(batch)
+        ids, sup, lengths = tok.encode_docs([render_segments(c) for c in convs])  # Python lists of one batch only
+        out["ids"].append(np.array(ids, dtype=np.uint16 if tok.vocab_size <= 1 << 16 else np.int32))
+        out["sup"].append(np.array(sup, np.uint8))
+        out["lengths"].append(np.array(lengths, np.int64))
+        digests = (hashlib.blake2b(json.dumps([c.system, c.turns]).encode(), digest_size=8).digest() for c in convs)
+        out["hashes"].append(np.frombuffer(b"".join(digests), np.uint64))  # exact duplicates: same (system, turns)
+    return out | {k: np.concatenate(out[k]) for k in ("ids", "sup", "lengths", "hashes")}
 
 
 _WORKER: dict = {}  # per tokenizer process: its Tokenizer (loaded once) and the shared abort flag
@@ -390,39 +416,28 @@ def _init_worker(model_proto: bytes, added: dict[str, int], pad: str, abort) -> 
     _WORKER.update(tok=Tokenizer(model_proto, added, pad), abort=abort)
 
 
-def _worker_chunk(job: tuple) -> dict | None:
-    return None if _WORKER["abort"].is_set() else _tokenize_chunk(_WORKER["tok"], job)
-
-
-def _byte_ranges(path: Path, chunk_bytes: int) -> list[tuple[int, int]]:
-    """Split a file into ranges of about chunk_bytes that end right after a newline."""
-    size, bounds = path.stat().st_size, [0]
-    with open(path, "rb") as f:
-        while bounds[-1] < size:
-            f.seek(min(bounds[-1] + chunk_bytes, size))
-            f.readline()
-            bounds.append(min(f.tell(), size))
-    return list(zip(bounds[:-1], bounds[1:]))
+def _worker_part(job: tuple) -> dict | None:
+    return None if _WORKER["abort"].is_set() else _tokenize_part(_WORKER["tok"], job)
 
 
 def tokenize_source(source: Source, tok: Tokenizer, cfg: DataConfig, chunk_bytes: int = CHUNK_BYTES,
-                    log: Callable[[str], None] | None = print) -> TokenizedData:
-    """Tokenize one source file into the cache (or open the cached copy); bad lines raise unless skipped."""
+                    part_rows: int = PART_ROWS, log: Callable[[str], None] | None = print) -> TokenizedData:
+    """Tokenize a JSONL or parquet file into the cache (or open it); duplicates dropped, bad records raise or skip."""
     path = Path(source.path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} of source {source.name!r} does not exist")
     if cfg.on_too_long not in ("drop", "truncate"):
         raise ValueError(f"on_too_long must be 'drop' or 'truncate', got {cfg.on_too_long!r}")
-    fmt, system = detect_file_format(path), source_system(source)
+    (fmt, columns), system = detect_file_format(path), source_system(source)
     with open(path, "rb") as f:  # a content hash: the cache follows the bytes, not names or timestamps (~1 GB/s)
         digest = hashlib.file_digest(f, "sha256").hexdigest()
-    key = _cache_key("tokens", digest, tok.identity, fmt, system, cfg.max_len, cfg.on_too_long,
-                     cfg.skip_bad_lines)
+    key = _cache_key("tokens", digest, tok.identity, fmt, system, cfg.max_len, cfg.on_too_long, cfg.skip_bad_lines)
     folder = Path(cfg.cache_dir) / f"tokens-{re.sub(r'[^A-Za-z0-9_.-]', '_', source.name)}-{key}"
     if (folder / "meta.json").is_file():
         return load_tokenized(folder)
-    jobs = [(str(path), a, b, fmt, system, cfg.max_len, cfg.on_too_long == "truncate")
-            for a, b in _byte_ranges(path, chunk_bytes)]
+    jobs = [(path, part, fmt, columns, system) for part in file_parts(path, chunk_bytes, part_rows)]
+    if not jobs:
+        raise ValueError(f"{path} has no rows")
     workers = cfg.num_workers or len(os.sched_getaffinity(0))
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -431,34 +446,45 @@ def tokenize_source(source: Source, tok: Tokenizer, cfg: DataConfig, chunk_bytes
     abort = ctx.Event()
     pool = ctx.Pool(workers, _init_worker, (tok.model_proto, tok.added, tok.pad_token, abort)) \
         if workers > 1 and len(jobs) > 1 else None
-    results = pool.imap(_worker_chunk, jobs) if pool else (_tokenize_chunk(tok, job) for job in jobs)
-    line0, skipped, too_long, bad, lengths, sup_counts, t0 = 1, 0, 0, [], [], [], time.time()
+    results = pool.imap(_worker_part, jobs) if pool else (_tokenize_part(tok, job) for job in jobs)
+    where = (lambda n: f"{path} row {n}") if path.suffix == ".parquet" else (lambda n: f"{path}:{n + 1}")  # n from 0
+    counts, bad, seen, docs = Counter(lines=0, skipped_bad_lines=0, too_long=0, duplicates=0), [], set(), []
+    truncate, schema, t0 = cfg.on_too_long == "truncate", pa.schema([(c, pa.string()) for c in columns]), time.time()
     try:
-        with open(tmp / "ids.bin", "wb") as f_ids, open(tmp / "sup.bin", "wb") as f_sup:
-            for r in tqdm(results, total=len(jobs), unit="chunk", desc=f"tokenizing {path.name}", disable=log is None):
-                for k, message in r["errors"]:  # results come in file order, so line numbers add up
+        with open(tmp / "ids.bin", "wb") as f_ids, open(tmp / "sup.bin", "wb") as f_sup, \
+                pq.ParquetWriter(tmp / "columns.parquet", schema) as f_columns:
+            for r in tqdm(results, total=len(jobs), unit="part", desc=f"tokenizing {path.name}", disable=log is None):
+                for k, message in r["errors"]:  # results come in file order, so record numbers add up
                     if not cfg.skip_bad_lines:
-                        raise ValueError(f"{path}:{line0 + k}: {message} (--skip_bad_lines skips and counts bad lines)")
-                    skipped += 1
-                    bad += [f"{path}:{line0 + k}: {message}"] if len(bad) < 5 else []
-                line0, too_long = line0 + r["lines"], too_long + r["too_long"]
-                f_ids.write(r["ids"].tobytes())
-                f_sup.write(r["sup"].tobytes())
-                lengths.append(r["lengths"])
-                sup_counts.append(r["sup_counts"])
-        lengths, sup_counts = np.concatenate(lengths), np.concatenate(sup_counts)
+                        raise ValueError(f"{where(counts['lines'] + k)}: {message} (--skip_bad_lines skips and "
+                                         "counts bad records)")
+                    bad += [f"{where(counts['lines'] + k)}: {message}"][:5 - len(bad)]
+                # an exact duplicate of an earlier example of the file is dropped (a set of ints: ~70 bytes an example)
+                new = np.array([h not in seen and not seen.add(h) for h in r["hashes"].tolist()], bool)
+                fits = r["lengths"] <= cfg.max_len  # else dropped, or truncated to its first max_len tokens
+                keep, lengths = new & (fits | truncate), r["lengths"]
+                counts.update(lines=r["records"], skipped_bad_lines=len(r["errors"]), duplicates=int((~new).sum()),
+                              too_long=int((new & ~fits).sum()))
+                pos = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # in its document
+                tokens = np.repeat(keep, lengths) & (pos < cfg.max_len)
+                f_ids.write(r["ids"][tokens].tobytes())
+                f_sup.write(r["sup"][tokens].tobytes())
+                lengths = np.minimum(lengths[keep], cfg.max_len)
+                sums = np.concatenate([[0], np.cumsum(r["sup"][tokens], dtype=np.int64)])  # teacher tokens so far
+                docs.append((lengths, sums[np.cumsum(lengths)] - sums[np.cumsum(lengths) - lengths]))
+                f_columns.write_table(pa.Table.from_pylist([c for c, k in zip(r["columns"], keep) if k], schema))
+        lengths, sup_counts = (np.concatenate(a) for a in zip(*docs))
         np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64).tofile(tmp / "offsets.bin")
         sup_counts.astype(np.int32).tofile(tmp / "sup_counts.bin")
-        meta = dict(source=source.name, path=str(path), format=fmt, system=system, lines=line0 - 1,
-                    examples=len(lengths), tokens=int(lengths.sum()), supervised_tokens=int(sup_counts.sum()),
-                    skipped_bad_lines=skipped, bad_line_examples=bad, too_long=too_long,
-                    dropped_too_long=0 if cfg.on_too_long == "truncate" else too_long,
-                    truncated=too_long if cfg.on_too_long == "truncate" else 0, max_len=cfg.max_len,
+        meta = dict(counts, source=source.name, path=str(path), format=fmt, system=system, examples=len(lengths),
+                    tokens=int(lengths.sum()), supervised_tokens=int(sup_counts.sum()), max_len=cfg.max_len,
+                    dropped_too_long=0 if truncate else counts["too_long"], bad_line_examples=bad, columns=columns,
+                    truncated=counts["too_long"] if truncate else 0, workers=workers if pool else 1,
                     dtype="uint16" if tok.vocab_size <= 1 << 16 else "int32", seconds=round(time.time() - t0, 2))
         _commit(tmp, folder, meta)
     finally:
         # No pool.terminate(): a worker killed while writing its result can deadlock the pool. After an error the
-        # workers skip what is left instead, and close/join returns once the chunks in flight are done.
+        # workers skip what is left instead, and close/join returns once the parts in flight are done.
         if pool is not None:
             abort.set()
             pool.close()
@@ -472,10 +498,8 @@ def tokenize_source(source: Source, tok: Tokenizer, cfg: DataConfig, chunk_bytes
 
 def pack_best_fit(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
     """Best-fit decreasing: each item, longest first, goes to the open pack with the least room that still fits.
-
     Returns (order, offsets): pack p holds the items order[offsets[p]:offsets[p + 1]]. Open packs are kept in lists
-    by free room (an integer <= capacity) and the distinct room values in a sorted list, so a lookup is one bisect.
-    """
+    by free room (an integer <= capacity) and the distinct room values in a sorted list, so a lookup is one bisect."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) and (lengths.min() < 1 or lengths.max() > capacity):
         raise ValueError(f"item lengths must be in 1..{capacity}, got {lengths.min()}..{lengths.max()}")
@@ -565,17 +589,20 @@ def build_stage(sources: list[Source], tok: Tokenizer, cfg: DataConfig | None = 
         _commit(tmp, folder, meta)
     packed = PackedDataset(folder, datas)
     stats = {k: packed.meta[k] for k in ("examples", "tokens", "supervised_tokens", "packs", "efficiency")}
-    stats |= {k: sum(d.meta[k] for d in datas) for k in ("dropped_too_long", "truncated", "skipped_bad_lines")}
+    stats |= {k: sum(d.meta[k] for d in datas) for k in ("dropped_too_long", "truncated", "skipped_bad_lines",
+                                                         "duplicates")}
     if log:  # nothing is dropped silently
         for m in (d.meta for d in datas):
             log(f"[data] {m['source']}: {m['examples']:,} examples, {m['tokens']:,} tokens ({m['format']}, "
-                f"{m['path']}); system message {'kept' if m['system'] is None else 'replaced'}; "
-                f"{m['skipped_bad_lines']} bad lines skipped; {m['too_long']} longer than {cfg.max_len} "
-                f"{'truncated' if m['truncated'] else 'dropped'}")
+                f"{m['path']}, {m['seconds']} s by {m['workers']} process(es)); system message "
+                f"{'kept' if m['system'] is None else 'replaced'}; {m['skipped_bad_lines']} bad lines skipped; "
+                f"{m['too_long']} longer than {cfg.max_len} {'truncated' if m['truncated'] else 'dropped'}; dropped "
+                f"{m['duplicates']:,} exact duplicates; metadata columns {m['columns']}")
             for e in m["bad_line_examples"][:3]:
                 log(f"[data]   skipped {e}")
-        log(f"[data] packed {stats['examples']:,} examples into {stats['packs']:,} rows of {cfg.max_len}: "
-            f"efficiency {stats['efficiency']:.2%}, supervised {stats['supervised_tokens'] / stats['tokens']:.1%}")
+        log(f"[data] packed {stats['examples']:,} examples into {stats['packs']:,} rows of {cfg.max_len} (fewest "
+            f"possible {-(-stats['tokens'] // cfg.max_len):,}): efficiency {stats['efficiency']:.2%}, supervised "
+            f"{stats['supervised_tokens'] / stats['tokens']:.1%}")
     return packed, stats
 
 
@@ -627,36 +654,15 @@ def rank_packs(order: np.ndarray, step: int, global_batch: int, rank: int, world
     return [int(order[(first + j) % len(order)]) for j in range(per_rank)]
 
 
-# ---- benchmark and command line ----
-
-
-def benchmark(num_examples: int = 100_000, workdir: str = "/tmp/orca2-data-bench", num_workers: int = 0) -> dict:
-    """Seconds to tokenize and pack num_examples Orca-style examples (the shipped sample's lines, each made unique
-    so nothing is encoded only once), cold and then from the cache."""
-    work, lines = Path(workdir), [line for line in SAMPLE_DATA.read_text().splitlines() if line.strip()]
-    shutil.rmtree(work / "cache", ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    path = work / f"orca-{num_examples}.jsonl"
-    with open(path, "w") as f:
-        for k in range(num_examples):
-            r = json.loads(lines[k % len(lines)])
-            r["input"]["messages"][-1]["content"] = f"({k}) " + r["input"]["messages"][-1]["content"]
-            r["preferred_output"][0]["content"] += f" ({k})"
-            f.write(json.dumps(r) + "\n")
-    tok = Tokenizer.from_pretrained(DEFAULT_TOKENIZER)
-    cfg = DataConfig(cache_dir=str(work / "cache"), num_workers=num_workers)
-    times = [time.time()]
-    for _ in range(2):  # cold, then cached
-        _, stats = build_stage([Source("bench", str(path), erase=True)], tok, cfg, log=None)
-        times.append(time.time())
-    return dict(examples=stats["examples"], tokens=stats["tokens"], mbytes=round(path.stat().st_size / 1e6, 1),
-                cold_s=round(times[1] - times[0], 2), cached_s=round(times[2] - times[1], 2),
-                efficiency=round(stats["efficiency"], 5))
+# ---- command line ----
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["decontaminate"]:  # python data.py decontaminate --train ...: see decontaminate.py
+        import decontaminate
+        return decontaminate.main(sys.argv[2:])
     parser = argparse.ArgumentParser(description="Show one rendered example of a data file and its statistics.")
-    parser.add_argument("file", help="JSONL data file (OpenOrca, ShareGPT, messages or preference layout)")
+    parser.add_argument("file", help="JSONL or parquet data file (OpenOrca, FLAN, ShareGPT, messages or preference)")
     parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="tokenizer.model or a model folder")
     parser.add_argument("--erase", action="store_true", help="prompt erasing: use the generic system message")
     parser.add_argument("--system", default=None, help="force a system message: 'cautious', 'empty' or literal text")
@@ -668,32 +674,26 @@ def main() -> None:
     path = Path(args.file)
     source = Source(path.stem, str(path), erase=args.erase, system=SYSTEM_MESSAGES.get(args.system, args.system))
     tok = Tokenizer.from_pretrained(args.tokenizer)
-
     # The first example exactly as trained on, with the supervised (teacher) text inside ⟦ ⟧.
-    fmt = detect_file_format(path)
-    with open(path, "rb") as f:
-        first = next(line for line in f if line.strip())
-    conv = override_system(parse_record(json.loads(first), fmt), source_system(source))
+    fmt, _ = detect_file_format(path)
+    first = next(r for batch in read_part(path, file_parts(path)[0]) for r in batch  # a row, or a non-blank line
+                 if not isinstance(r, bytes) or r.strip())
+    conv = override_system(parse_record(json.loads(first) if isinstance(first, bytes) else first, fmt),
+                           source_system(source))
     ids, sup, _ = tok.encode_docs([render_segments(conv)])
     print(f"==== first example of {path} (format {fmt}); supervised text inside ⟦ ⟧ ====")
     if conv.original_system is not None:
         print(f"[system message replaced; the teacher saw: {conv.original_system!r}]")
-    print(render_text(conv, mark=("⟦", "⟧")))
-    print(f"==== {len(ids)} tokens, {sum(sup)} supervised ====\n")
-
-    packed, stats = build_stage([source], tok, cfg)
-    lengths = np.diff(packed.sources[0].offsets)
-    print(f"\nexamples {stats['examples']:,} (dropped too long {stats['dropped_too_long']}, truncated "
-          f"{stats['truncated']}, skipped bad lines {stats['skipped_bad_lines']})\ntokens {stats['tokens']:,} (mean "
-          f"{lengths.mean():.0f}, max {lengths.max()}), supervised fraction "
-          f"{stats['supervised_tokens'] / stats['tokens']:.3f}")
-    print(f"packing: {stats['packs']:,} rows of {cfg.max_len}, efficiency {stats['efficiency']:.2%} "
-          f"(fewest possible rows: {-(-stats['tokens'] // cfg.max_len):,})")
-    edges = [0] + [2 ** k for k in range(6, 16) if 2 ** k < cfg.max_len] + [cfg.max_len]
-    counts, _ = np.histogram(lengths, bins=edges)
-    print("length histogram (tokens per example):")
-    for a, b, c in zip(edges[:-1], edges[1:], counts):
-        print(f"  {a + 1:>5}-{b:<5} {c:>8,}  {'#' * round(40 * c / max(counts.max(), 1))}")
+    print(f"{render_text(conv, mark=('⟦', '⟧'))}\n==== {len(ids)} tokens, {sum(sup)} supervised ====\n")
+    packed, _ = build_stage([source], tok, cfg)  # it logs what was kept, dropped and packed
+    d = packed.sources[0]
+    lengths = np.diff(d.offsets)
+    print(f"tokens per example: mean {lengths.mean():.0f}, " + ", ".join(
+        f"p{q} {np.percentile(lengths, q):.0f}" for q in (10, 50, 90, 99)) + f", max {lengths.max()}")
+    for name in d.meta["columns"]:  # metadata columns: how many values, the most common ones
+        counts = pq.read_table(d.folder / "columns.parquet", columns=[name]).column(0).value_counts()
+        top = [counts[i].as_py() for i in np.argsort(-counts.field("counts").to_numpy(), kind="stable")[:5]]
+        print(f"column {name}: {len(counts):,} values; most common", *(f"{c['values']} {c['counts']:,}" for c in top))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
-"""data.py: exact rendering and token ids, loss masks, input formats, bad lines, packing, batches and the cache."""
+"""data.py: exact rendering and token ids, loss masks, input formats (JSONL and parquet), bad records, duplicates,
+packing, batches and the cache."""
 
 import json
+from pathlib import Path
 import re
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 
@@ -158,25 +162,32 @@ def test_empty_system_keeps_block_and_erasing_keeps_original(tok):
 # ---- input formats, bad lines, too long ----
 
 SYS, Q, A = "You are a helpful assistant.", "What is the capital of France?", "Paris is the capital."
-FORMAT_RECORDS = {
-    "openorca": {"id": "x", "system_prompt": SYS, "question": Q, "response": A},
-    "sharegpt": {"conversations": [{"from": "system", "value": SYS}, {"from": "human", "value": Q},
-                                   {"from": "gpt", "value": A}]},
-    "messages": {"messages": [{"role": "system", "content": SYS}, {"role": "user", "content": Q},
-                              {"role": "assistant", "content": A}]},
-    "preference": {"input": {"messages": [{"role": "system", "content": SYS}, {"role": "user", "content": Q}]},
-                   "preferred_output": [{"role": "assistant", "content": A}],
-                   "non_preferred_output": [{"role": "assistant", "content": "Lyon."}]},
-}
+
+
+def record(fmt: str, q: str = Q, a: str = A) -> dict:
+    """One example (SYS, q, a) in each input layout."""
+    return {
+        "openorca": {"id": "x", "system_prompt": SYS, "question": q, "response": a},
+        "sharegpt": {"conversations": [{"from": "system", "value": SYS}, {"from": "human", "value": q},
+                                       {"from": "gpt", "value": a}]},
+        "messages": {"messages": [{"role": "system", "content": SYS}, {"role": "user", "content": q},
+                                  {"role": "assistant", "content": a}]},
+        "preference": {"input": {"messages": [{"role": "system", "content": SYS}, {"role": "user", "content": q}]},
+                       "preferred_output": [{"role": "assistant", "content": a}],
+                       "non_preferred_output": [{"role": "assistant", "content": "Lyon."}]},
+    }[fmt]
+
+
+FORMAT_RECORDS = {fmt: record(fmt) for fmt in ("openorca", "sharegpt", "messages", "preference")}
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMAT_RECORDS))
 def test_every_input_format_gives_the_same_example(tok, tmp_path, fmt):
-    path = write_jsonl(tmp_path / f"{fmt}.jsonl", [FORMAT_RECORDS[fmt]] * 3)
+    path = write_jsonl(tmp_path / f"{fmt}.jsonl", [record(fmt, "Q2?"), FORMAT_RECORDS[fmt]] * 3)
     d = data.tokenize_source(Source(fmt, path), tok, cfg(tmp_path), log=None)
     expected, sup, _ = tok.encode_docs([data.render_segments(Conversation(SYS, [(Q, A)]))])
-    assert d.meta["format"] == fmt and d.meta["examples"] == 3
-    assert d.ids[d.offsets[2]:d.offsets[3]].tolist() == expected and d.sup[:len(sup)].tolist() == sup
+    assert d.meta["format"] == fmt and (d.meta["examples"], d.meta["duplicates"]) == (2, 4)  # exact repeats dropped
+    assert d.ids[d.offsets[1]:d.offsets[2]].tolist() == expected and d.sup[d.offsets[1]:].tolist() == sup
 
 
 def test_sharegpt_multi_turn_and_erasing_in_the_cache(tok, tmp_path):
@@ -204,8 +215,7 @@ def test_bad_line_error_names_file_and_line(tok, tmp_path, bad, message):
 
 
 def test_bad_line_numbers_across_worker_chunks_and_skip_count(tok, tmp_path):
-    good = FORMAT_RECORDS["messages"]
-    records = [good] * 400
+    records = [record("messages", f"Question {k}?") for k in range(400)]
     records[249] = {"messages": [{"role": "user", "content": "no reply"}]}
     records[350] = "[1, 2]"
     path = write_jsonl(tmp_path / "many.jsonl", records)
@@ -219,15 +229,17 @@ def test_bad_line_numbers_across_worker_chunks_and_skip_count(tok, tmp_path):
 
 def test_too_long_examples_are_counted_dropped_or_truncated(tok, tmp_path):
     short, long_ = dict(FORMAT_RECORDS["openorca"]), dict(FORMAT_RECORDS["openorca"], response="word " * 100)
-    path = write_jsonl(tmp_path / "len.jsonl", [short, long_, short, long_, long_])
+    path = write_jsonl(tmp_path / "len.jsonl", [short, long_, dict(short, id="y"), dict(long_, question="Two?"),
+                                                dict(long_, question="Six?")])
     short_len = len(tok.encode_docs([data.render_segments(data.parse_record(short, "openorca"))])[0])
     packed, stats = data.build_stage([Source("len", path)], tok, cfg(tmp_path, max_len=64), log=None)
-    assert (stats["examples"], stats["dropped_too_long"], stats["truncated"]) == (2, 3, 0)
+    # the id column is metadata, not part of the example: the two short records are one example
+    assert (stats["examples"], stats["dropped_too_long"], stats["truncated"], stats["duplicates"]) == (1, 3, 0, 1)
     c = cfg(tmp_path, max_len=64, on_too_long="truncate")
     packed, stats = data.build_stage([Source("len", path)], tok, c, log=None)
-    assert (stats["examples"], stats["dropped_too_long"], stats["truncated"]) == (5, 0, 3)
+    assert (stats["examples"], stats["dropped_too_long"], stats["truncated"], stats["duplicates"]) == (4, 0, 3, 1)
     d = packed.sources[0]
-    assert np.diff(d.offsets).tolist() == [short_len, 64, short_len, 64, 64] and d.offsets[-1] == len(d.ids)
+    assert np.diff(d.offsets).tolist() == [short_len, 64, 64, 64] and d.offsets[-1] == len(d.ids)
     full, _, _ = tok.encode_docs([data.render_segments(data.parse_record(long_, "openorca"))])
     assert d.ids[d.offsets[1]:d.offsets[2]].tolist() == full[:64]  # truncation keeps the first max_len tokens
 
@@ -288,8 +300,8 @@ def test_batches_never_predict_the_next_documents_first_token(tok, tmp_path):
 
 
 def test_curriculum_stage_mixes_sources_by_weight(tok, tmp_path):
-    a = write_jsonl(tmp_path / "gpt4.jsonl", [FORMAT_RECORDS["openorca"]] * 10)
-    b = write_jsonl(tmp_path / "orca2.jsonl", [FORMAT_RECORDS["preference"]] * 10)
+    a = write_jsonl(tmp_path / "gpt4.jsonl", [record("openorca", f"Q{k}") for k in range(10)])
+    b = write_jsonl(tmp_path / "orca2.jsonl", [record("preference", f"Q{k}") for k in range(10)])
     stage = paper_curriculum("f", "c", a, b)[-1]
     assert [(s.name, s.erase) for s in stage.sources] == [("orca1-gpt4", False), ("orca2", True)]
     stage.sources[0].weight, stage.sources[1].weight = 0.5, 2.0
@@ -305,7 +317,7 @@ def test_curriculum_stage_mixes_sources_by_weight(tok, tmp_path):
 
 def test_cache_hit_and_invalidation(tok, tmp_path):
     path = tmp_path / "c.jsonl"
-    write_jsonl(path, [FORMAT_RECORDS["openorca"]] * 5)
+    write_jsonl(path, [record("openorca", f"Q{k}") for k in range(5)])
     c = cfg(tmp_path)
     first = data.tokenize_source(Source("c", str(path)), tok, c, log=None)
     assert data.tokenize_source(Source("c", str(path)), tok, c, log=None).folder == first.folder
@@ -317,9 +329,108 @@ def test_cache_hit_and_invalidation(tok, tmp_path):
                              c, log=None),
     ]
     assert len({first.folder, *(d.folder for d in changed)}) == 5
-    write_jsonl(path, [FORMAT_RECORDS["openorca"]] * 5 + [dict(FORMAT_RECORDS["openorca"], response="New.")])
+    write_jsonl(path, [record("openorca", f"Q{k}") for k in range(5)] + [record("openorca", "Q0", "New.")])
     edited = data.tokenize_source(Source("c", str(path)), tok, c, log=None)
     assert edited.folder != first.folder and edited.meta["examples"] == 6
     p1, _ = data.build_stage([Source("c", str(path))], tok, c, log=None)
     p2, _ = data.build_stage([Source("c", str(path))], tok, cfg(tmp_path, seed=1), log=None)
     assert p1.folder != p2.folder  # the pack cache follows its settings too
+
+
+# ---- published files as they are: OpenOrca and FLAN parquet, duplicates ----
+
+
+def write_parquet(path, rows: list[dict], row_group_size: int) -> str:
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=row_group_size)
+    return str(path)
+
+
+def openorca_rows(n: int) -> list[dict]:
+    """OpenOrca's columns; row 20 repeats row 3 under another id (the same example)."""
+    systems = ["", "You are an AI assistant. Think step-by-step.", "Explain like I am five."]
+    rows = [{"id": f"niv.{k}", "system_prompt": systems[k % 3], "question": f"Question {k}: " + "word " * (k % 40),
+             "response": f"Answer {k}."} for k in range(n)]
+    rows[20] = dict(rows[3], id="t0.20")
+    return rows
+
+
+def same_tokens(a, b) -> bool:
+    return all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("ids", "sup", "offsets", "sup_counts"))
+
+
+def column(d, name: str) -> list:
+    return pq.read_table(d.folder / "columns.parquet", columns=[name]).column(0).to_pylist()
+
+
+def test_openorca_parquet_read_in_row_group_slices_equals_jsonl(tok, tmp_path, monkeypatch):
+    rows = openorca_rows(50)
+    jsonl = data.tokenize_source(Source("j", write_jsonl(tmp_path / "oo.jsonl", rows)), tok, cfg(tmp_path), log=None)
+    path = write_parquet(tmp_path / "oo.parquet", rows, row_group_size=7)  # 8 row groups
+    monkeypatch.setattr(data, "BATCH_ROWS", 2)  # record batches of 2 rows; parts of 2 batches
+    assert data.file_parts(Path(path), part_rows=4)[:4] == [(0, 0, 2), (0, 2, 4), (1, 0, 2), (1, 2, 4)]
+    one = data.tokenize_source(Source("p", path), tok, cfg(tmp_path), part_rows=4, log=None)
+    assert (one.meta["format"], one.meta["examples"], one.meta["duplicates"], one.meta["lines"]) == \
+        ("openorca", 49, 1, 50)
+    assert same_tokens(one, jsonl) and one.meta["columns"] == ["id"]
+    assert column(one, "id") == [r["id"] for k, r in enumerate(rows) if k != 20] == column(jsonl, "id")
+    monkeypatch.undo()  # worker processes read with the real BATCH_ROWS
+    two = data.tokenize_source(Source("p2", path), tok, cfg(tmp_path, num_workers=2), log=None)
+    assert same_tokens(two, jsonl) and two.meta["workers"] == 2  # parallel workers, each reading its own slices
+    conv = Conversation(rows[1]["system_prompt"], [(rows[1]["question"], rows[1]["response"])])  # kept, not erased
+    assert two.ids[two.offsets[1]:two.offsets[2]].tolist() == tok.encode_docs([data.render_segments(conv)])[0]
+
+
+def test_parquet_bad_row_names_file_and_row_and_unknown_columns_name_them(tok, tmp_path):
+    rows = openorca_rows(30)
+    rows[17]["response"] = None
+    path = write_parquet(tmp_path / "nulls.parquet", rows, row_group_size=8)
+    with pytest.raises(ValueError, match=r"nulls\.parquet row 17: openorca records need string fields"):
+        data.tokenize_source(Source("n", path), tok, cfg(tmp_path), log=None)
+    d = data.tokenize_source(Source("n", path), tok, cfg(tmp_path, skip_bad_lines=True), log=None)
+    assert (d.meta["skipped_bad_lines"], d.meta["examples"]) == (1, 28)
+    odd = write_parquet(tmp_path / "odd.parquet", [{"prompt": "p", "completion": "c", "score": 1}], 8)
+    with pytest.raises(ValueError, match=r"odd\.parquet: unknown column layout, found columns \['prompt', "
+                                         r"'completion', 'score'\]; expected one of: .*question.*inputs"):
+        data.tokenize_source(Source("o", odd), tok, cfg(tmp_path), log=None)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_flan_inputs_targets_empty_system_and_metadata_columns(tok, tmp_path, kind):
+    templates = ["zs_opt", "fs_noopt", "zs_noopt"]
+    rows = [{"inputs": f"Translate {k} to French.", "targets": f"{k} en français", "task_source": "Flan2021",
+             "task_name": f"wmt16_translate_{k % 4}", "template_type": templates[k % 3], "_template_idx": k % 10}
+            for k in range(24)]
+    rows.insert(5, dict(rows[0], task_name="other"))  # the same example again: dropped, with its metadata
+    path = write_jsonl(tmp_path / "flan.jsonl", rows) if kind == "jsonl" else \
+        write_parquet(tmp_path / "flan.parquet", rows, row_group_size=10)
+    d = data.tokenize_source(Source("flan", path), tok, cfg(tmp_path), log=None)
+    assert (d.meta["format"], d.meta["examples"], d.meta["duplicates"]) == ("flan", 24, 1)
+    assert d.meta["columns"] == ["task_source", "task_name", "template_type", "_template_idx"]
+    assert column(d, "template_type") == [templates[k % 3] for k in range(24)]
+    assert column(d, "task_name") == [f"wmt16_translate_{k % 4}" for k in range(24)]
+    assert column(d, "_template_idx") == [str(k % 10) for k in range(24)]  # non-strings are kept as JSON text
+    expected = tok.encode_docs([data.render_segments(Conversation("", [(rows[6]["inputs"], rows[6]["targets"])]))])[0]
+    assert d.ids[d.offsets[5]:d.offsets[6]].tolist() == expected  # FLAN examples get the empty system message
+
+
+def test_duplicates_are_dropped_across_worker_parts_keeping_the_first(tok, tmp_path):
+    records = [record("messages", f"Question {k % 150}?") for k in range(400)]  # each question 2 or 3 times
+    path = write_jsonl(tmp_path / "dups.jsonl", records)
+    d = data.tokenize_source(Source("d", path), tok, cfg(tmp_path, num_workers=2), chunk_bytes=4096, log=None)
+    assert len(data.file_parts(Path(path), chunk_bytes=4096)) > 5
+    assert (d.meta["examples"], d.meta["duplicates"], d.meta["lines"]) == (150, 250, 400)
+    users = [tok.decode(d.ids[d.offsets[i]:d.offsets[i + 1]].tolist()).split("user\n")[1].split("<|im_end|>")[0]
+             for i in (0, 1, 149)]
+    assert users == ["Question 0?", "Question 1?", "Question 149?"]  # first occurrences, in file order
+    packed, stats = data.build_stage([Source("d", path)], tok, cfg(tmp_path, num_workers=2), log=None)
+    assert (stats["examples"], stats["duplicates"]) == (150, 250)
+
+
+def test_command_line_on_a_parquet_file(tmp_path, monkeypatch, capsys):
+    path = write_parquet(tmp_path / "1M-GPT4-Augmented.parquet", openorca_rows(40), row_group_size=16)
+    monkeypatch.setattr("sys.argv", ["data.py", path, "--cache_dir", str(tmp_path / "cache"), "--num_workers", "1"])
+    data.main()
+    out = capsys.readouterr().out
+    assert "first example of" in out and "(format openorca)" in out and "assistant⟦\nAnswer 0.<|im_end|>⟧" in out
+    assert "39 examples" in out and "dropped 1 exact duplicates" in out and "metadata columns ['id']" in out
+    assert "column id: 39 values; most common niv.0 1" in out and "tokens per example: mean" in out
