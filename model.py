@@ -264,13 +264,15 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Static key/value cache of one layer, sized to the batch and the longest prompt plus new tokens."""
+    """Static key/value cache of one layer (batch x longest prompt + new tokens), made in the keys' dtype."""
 
-    def __init__(self, B: int, n_kv_heads: int, S: int, head_dim: int, device, dtype):
-        self.k = torch.zeros(B, n_kv_heads, S, head_dim, device=device, dtype=dtype)  # (B, nkv, S, hd)
-        self.v = torch.zeros_like(self.k)
+    def __init__(self, B: int, n_kv_heads: int, S: int, head_dim: int, device):
+        self.shape, self.device, self.k, self.v = (B, n_kv_heads, S, head_dim), device, None, None  # (B, nkv, S, hd)
 
     def update(self, pos: int, k: torch.Tensor, v: torch.Tensor):
+        if self.k is None:
+            self.k = torch.zeros(self.shape, device=self.device, dtype=k.dtype)
+            self.v = torch.zeros_like(self.k)
         end = pos + k.shape[2]
         self.k[:, :, pos:end], self.v[:, :, pos:end] = k, v
         return self.k[:, :, :end], self.v[:, :, :end]
@@ -372,8 +374,8 @@ class Transformer(nn.Module):
         # key j is visible to query i when j <= i and j is a real token; a pad query sees itself (no empty rows)
         real = col[None, :] >= pad[:, None]  # (B, S)
         full_mask = (col[None, :, None] >= col[None, None, :]) & (real[:, None, :] | torch.eye(S, dtype=torch.bool, device=device))  # (B, S, S)
-        caches = [KVCache(B, self.args.n_kv_heads, S, self.args.head_dim, device, self.lm_head.weight.dtype)
-                  for _ in self.model.layers] if use_cache else None
+        caches = [KVCache(B, self.args.n_kv_heads, S, self.args.head_dim, device) for _ in self.model.layers] \
+            if use_cache else None
         out: list[list[int]] = [[] for _ in range(B)]
         done = torch.zeros(B, dtype=torch.bool, device=device)
         stops = torch.tensor(stop_ids, device=device)
@@ -551,7 +553,6 @@ def from_pretrained(path: str | os.PathLike, device: str | torch.device | None =
             continue
         check_tensor(name, t, expected, file)
         state[name] = t.to(device=device, dtype=dtype, copy=True)
-        del t
     if ignored:
         print(f"from_pretrained: skipped {ignored} stored rotary_emb.inv_freq buffers (recomputed from rope_theta)")
     missing = [k for k in expected if k not in state]

@@ -126,7 +126,13 @@ def parse_config(argv: list[str]) -> TrainConfig:
             raise SystemExit(f"config key {k!r} must be {known[k]}, got {v!r}")
         if known[k] == "float":
             values[k] = float(v)
-    return TrainConfig(**values)
+    cfg = TrainConfig(**values)
+    for key in ("dtype", "export_dtype"):
+        if getattr(cfg, key) not in ("bfloat16", "float32"):
+            raise SystemExit(f"{key} must be 'bfloat16' or 'float32', got {getattr(cfg, key)!r}")
+    if cfg.keep_last < 1 or cfg.global_batch < 1 or cfg.micro_batch < 1:
+        raise SystemExit("keep_last, global_batch and micro_batch must be at least 1")
+    return cfg
 
 
 def coerce(key: str, raw: str, type_name: str):
@@ -421,7 +427,10 @@ def main(argv: list[str]):
     print0(f"model: {n_params:,} parameters, {model.args}; {world} rank(s), global batch {cfg.global_batch} rows = "
            f"micro {cfg.micro_batch} x {world} ranks x {accum} accumulation steps of {cfg.seq_len} tokens")
     opt = make_optimizer(model, cfg)
-    found = checkpoint_dirs(out_dir) if cfg.resume else []
+    found = checkpoint_dirs(out_dir)
+    if found and not cfg.resume:
+        raise SystemExit(f"{out_dir} holds checkpoints of an earlier run ({found[-1].name}); continue it with "
+                         "--resume=true, or start afresh in another --out_dir")
     state = {"stage": 0, "step": 0, "global_step": 0}
     if found:
         state = load_checkpoint(model, opt, found[-1])
@@ -442,6 +451,11 @@ def main(argv: list[str]):
             opt = make_optimizer(model, cfg)
         bar = tqdm_bar(total, state["step"], f"stage {si + 1} {stage.name}", rank)
         while state["step"] < total:
+            if cfg.stop_at_step and state["global_step"] >= cfg.stop_at_step:
+                save_checkpoint(model, opt, state, cfg, rank)
+                print0(f"stopped at step {state['global_step']} (stop_at_step); to continue, rerun with a larger "
+                       "stop_at_step or without it")
+                return finish(metrics)
             step = state["step"]
             epoch, step_in_epoch = divmod(step, per_epoch)
             order = data.epoch_order(len(packed), epoch, cfg.seed)
@@ -455,8 +469,9 @@ def main(argv: list[str]):
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for m, b in enumerate(batches):
-                if mesh is not None:  # reduce-scatter gradients only after the last micro-batch
-                    model.set_requires_gradient_sync(m == accum - 1)
+                if mesh is not None and mesh.ndim == 2:  # HSDP: one cross-replica all-reduce, after the last micro-batch
+                    model.set_requires_all_reduce(m == accum - 1)
+                # (the reduce-scatter runs every micro-batch: skipping it would keep unsharded fp32 gradients)
                 labels = b["labels"].to(device)
                 supervised = labels != -100
                 with autocast:  # logits only where there is a label: the output layer is costly
@@ -493,10 +508,6 @@ def main(argv: list[str]):
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{rec['tok_s']:.0f}",
                                 sup_tok_s=f"{rec['sup_tok_s']:.0f}", **({"mfu": f"{rec['mfu']:.1%}"} if peak else {}))
                 bar.update(1)
-            if cfg.stop_at_step and state["global_step"] >= cfg.stop_at_step and state["step"] < total:
-                save_checkpoint(model, opt, state, cfg, rank)
-                print0(f"stopping at step {state['global_step']} as asked (stop_at_step); resume with the same command")
-                return finish(metrics)
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total:
                 save_checkpoint(model, opt, state, cfg, rank)
         if bar:

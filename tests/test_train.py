@@ -204,3 +204,8 @@ def test_a_dead_rank_ends_the_job_with_a_clear_message(setup):
     assert proc.returncode != 0
     assert time.time() - start < 60  # ended by the launcher, not by waiting out a collective timeout
     assert "Signal 9 (SIGKILL)" in output and "train.py FAILED" in output
+
+
+def test_a_fresh_run_refuses_an_out_dir_with_checkpoints(setup, reference):
+    with pytest.raises(SystemExit, match="holds checkpoints of an earlier run"):
+        run(args_for(setup, reference, resume=False))
