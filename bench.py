@@ -199,8 +199,9 @@ def train_case(mode: str, max_len: int, n_examples: int) -> dict:
                                 num_tokens=sum(len(x) for x, _ in group), num_supervised=int((labels != -100).sum())))
     t = time.perf_counter()
     for b in batches:
-        logits = model(b["input_ids"], b["position_ids"])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten(), ignore_index=-100, reduction="sum")
+        keep = b["labels"] != -100  # as train.py: logits at the teacher's tokens only
+        logits = model(b["input_ids"], b["position_ids"], logits_at=keep)
+        loss = F.cross_entropy(logits.float(), b["labels"][keep], reduction="sum")
         (loss / max(1, b["num_supervised"])).backward()
         opt.step()
         opt.zero_grad()
