@@ -109,6 +109,8 @@ def parse_config(argv: list[str]) -> ReproConfig:
     if cfg.quick:  # keep any size the user gave explicitly
         cfg = dataclasses.replace(cfg, **{k: v for k, v in dict(n_train=240, n_test=20, epochs=1).items()
                                           if k not in values})
+    if cfg.base not in ("stories260K", "scratch"):
+        raise SystemExit(f"--base must be stories260K or scratch; got {cfg.base!r}")
     if cfg.eval_system not in orca2.SYSTEM_MESSAGES:
         raise SystemExit(f"--eval_system must be one of {sorted(orca2.SYSTEM_MESSAGES)}")
     if set(cfg.arms.split(",")) - set(ARMS):
@@ -224,7 +226,9 @@ INSTRUCTIONS = {  # what the teacher is told; the kept arm trains on these, the 
     "easy": "This question is easy: answer it directly, without explanation. Write 'Answer: ' and the result.",
 }
 DIRECT_INSTRUCTION = "Give only the final answer, as 'Answer: ' followed by it, with no explanation."
-ARMS = {  # arm -> (which teacher response, erase the system message at training)
+# arm -> (which teacher response, erase the system message at training). The direct arm is erased too, so it trains
+# on the same generic message it is tested with: direct and erased differ only in the teacher's response.
+ARMS = {
     "direct": ("direct", True),
     "kept": ("explain", False),
     "erased": ("explain", True),

@@ -138,7 +138,7 @@ def test_config_parsing():
     cfg = repro.parse_config(["--seeds=3,4", "--epochs=1", "--lr=0.01", "--oracle=false"])
     assert (cfg.seeds, cfg.epochs, cfg.lr, cfg.oracle) == ("3,4", 1, 0.01, False)
     assert repro.parse_config(["--quick=true", "--n_test=7"]).n_test == 7  # quick keeps explicit sizes
-    for bad in (["--nope=1"], ["--epochs=two"], ["--oracle=maybe"], ["--arms=direct,cot"], ["epochs=1"]):
+    for bad in (["--nope=1"], ["--epochs=two"], ["--oracle=maybe"], ["--arms=direct,cot"], ["--base=llama"], ["epochs=1"]):
         with pytest.raises(SystemExit):
             repro.parse_config(bad)
 
