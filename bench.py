@@ -15,6 +15,9 @@ Sections:
                the peak memory of the whole process tree (workers included; must stay under 1.5 GB)
     generate   batched greedy generation tokens/s at batch 1, 8, 32, with and without the KV cache
     load       peak anonymous memory of loading a ~1 GB fp32 .bin release into bf16, and of converting it
+    gpu        where CUDA is present: MFU of a LLaMA-2-7B-shaped training step (as many of its blocks as fit one
+               device, packed 2 x 4096 rows, bf16 autocast, fp32 AdamW) and decode tokens/s at batch 1 and 8 as a
+               share of the memory-bandwidth limit; without a GPU it says so in bench.md and measures nothing
 Every timing runs in a fresh process (peak memory is that process's own), the two variants alternating A B A B.
 """
 
@@ -40,7 +43,7 @@ ROOT = Path(__file__).resolve().parent
 
 @dataclass
 class BenchConfig:
-    only: str = "attention,train,packing,data,scale,generate,load"  # comma-separated sections
+    only: str = "attention,train,packing,data,scale,generate,load,gpu"  # comma-separated sections
     repeats: int = 3          # timed repetitions per variant (median reported), after one warm-up
     quick: bool = False       # smaller sizes
     threads: int = 2          # torch threads in each measuring process
@@ -510,10 +513,163 @@ def bench_load(cfg: BenchConfig) -> list[dict]:
             for what, r in (("bf16 model (from_pretrained)", load), ("bf16 safetensors (convert, 400MB shards)", conv))]
 
 
+# ---- GPU: MFU of a 7B-shaped training step, decode speed against the memory-bandwidth limit ----
+
+PEAK_HBM_BYTES_S = {"A100-SXM4-80GB": 2.039e12, "A100-SXM4-40GB": 1.555e12, "A100 80GB PCIe": 1.935e12,
+                    "A100-PCIE-40GB": 1.555e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H200": 4.8e12}
+
+
+def random_model(args, device: str, dtype: torch.dtype):
+    """A model of any size straight on the device (built on meta, filled there): no CPU copy of 7B weights."""
+    from model import Transformer
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
+    return model.to(dtype)
+
+
+def sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def block_params(args) -> int:
+    """Weights of one transformer block's matmuls: q and o, k and v (grouped), and the three SwiGLU matrices."""
+    kv = args.n_kv_heads * args.head_dim
+    return 2 * args.dim * args.dim + 2 * args.dim * kv + 3 * args.dim * args.hidden_dim
+
+
+def fitting_layers(per_layer_bytes: float, fixed_bytes: float, device: str, want: int) -> int:
+    """The most blocks (up to want) whose bytes fit in 60% of the device's memory; all of them off the GPU."""
+    if not device.startswith("cuda"):
+        return want
+    budget = 0.6 * torch.cuda.get_device_properties(device).total_memory - fixed_bytes
+    return max(1, min(want, int(budget // per_layer_bytes)))
+
+
+def gpu_train_case(preset: str, device: str, seq_len: int, micro_batch: int, steps: int) -> dict:
+    """train.py's step on one device: fp32 master weights, bf16 autocast, activation checkpointing, packed rows of
+    Orca-like documents (teacher tokens = the second half of each), logits at teacher tokens, clipping, fused AdamW.
+    LLaMA-2-7B's block shape; as many of its 32 blocks as fit next to AdamW's 16 bytes per parameter."""
+    import dataclasses
+    import train
+    from model import ModelArgs
+    full = dataclasses.replace(ModelArgs.from_name(preset), vocab_size=32003, max_seq_len=seq_len)
+    fixed = 16 * 2 * full.vocab_size * full.dim + 8e9  # embedding and output layer, plus room for activations
+    args = dataclasses.replace(full, n_layers=fitting_layers(16 * block_params(full), fixed, device, full.n_layers))
+    model = random_model(args, device, torch.float32)
+    for block in model.model.layers:
+        block.checkpoint = True
+    cuda = device.startswith("cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
+    g = torch.Generator().manual_seed(0)
+    positions, teacher = [], []
+    for _ in range(micro_batch):  # documents of 128-1024 tokens fill each row exactly; the second half of each is taught
+        lengths = []
+        while sum(lengths) < seq_len:
+            lengths.append(min(int(torch.randint(128, 1025, (), generator=g)), seq_len - sum(lengths)))
+        positions.append(torch.cat([torch.arange(n) for n in lengths]))
+        teacher.append(torch.cat([torch.arange(n) >= n // 2 for n in lengths]))
+    position_ids, supervised = torch.stack(positions).to(device), torch.stack(teacher).to(device)
+    input_ids = torch.randint(3, 32000, (micro_batch, seq_len), generator=g).to(device)
+    labels = torch.randint(3, 32000, (micro_batch, seq_len), generator=g).to(device)
+    n_tok, n_sup = input_ids.numel(), int(supervised.sum())
+    pairs = int((2 * position_ids + 1).sum())  # train.attention_pairs: sum of L^2 over documents
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            logits = model(input_ids, position_ids, logits_at=supervised)
+        loss = F.cross_entropy(logits.float(), labels[supervised], reduction="sum") / n_sup
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up: allocations, kernel selection
+    sync(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    dt = (time.perf_counter() - t) / steps
+    flops = train.step_flops(args, n_tok, n_sup, pairs)
+    peak = train.peak_flops(torch.device(device))
+    return {"layers": args.n_layers, "step_s": dt, "tok_s": n_tok / dt, "tflops": flops / dt / 1e12,
+            "mfu": flops / dt / peak if peak else float("nan"), "matmul_tflops": matmul_tflops(device),
+            "mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else float("nan")}
+
+
+def matmul_tflops(device: str, n: int = 8192) -> float:
+    """What this device's bf16 matmuls reach (a yardstick for GPUs missing from train.PEAK_BF16_FLOPS)."""
+    n = n if device.startswith("cuda") else 512
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    s = timed(lambda: (a @ b, sync(device)), 5)
+    return 2 * n ** 3 / s / 1e12
+
+
+def copy_bytes_s(device: str) -> float:
+    """Measured memory bandwidth: bytes read + written by a large device-to-device copy."""
+    x = torch.empty(int(2e9 if device.startswith("cuda") else 1e8) // 2, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    s = timed(lambda: (y.copy_(x), sync(device)), 5)
+    return 2 * x.numel() * x.element_size() / s
+
+
+def gpu_decode_case(preset: str, device: str, batch: int, prompt_len: int, new_tokens: int) -> dict:
+    """Greedy KV-cache decoding of a bf16 LLaMA-2-7B-shaped model (random weights, same speed). Each new token
+    reads every weight once (the embedding only one row) plus the cache so far: that many bytes at the device's
+    bandwidth is the fastest any decoder can go."""
+    import dataclasses
+    from model import ModelArgs
+    full = dataclasses.replace(ModelArgs.from_name(preset), vocab_size=32003)
+    args = dataclasses.replace(full, n_layers=fitting_layers(2 * block_params(full), 4 * full.vocab_size * full.dim,
+                                                             device, full.n_layers))
+    model = random_model(args, device, torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 32000, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+    with torch.inference_mode():
+        run = lambda n: (model.generate(prompts, n, stop_ids=()), sync(device))  # noqa: E731
+        t_prefill = timed(lambda: run(1), 2)
+        t_all = timed(lambda: run(new_tokens + 1), 2)
+    per_token = (t_all - t_prefill) / new_tokens  # decode steps only, prefill subtracted
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) - \
+        model.model.embed_tokens.weight.numel() * 2 + args.dim * 2
+    kv = 2 * args.n_layers * batch * args.n_kv_heads * args.head_dim * 2 * (prompt_len + new_tokens / 2)
+    bw = copy_bytes_s(device)
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+    nominal = next((v for k, v in PEAK_HBM_BYTES_S.items() if k in name), None)
+    return {"layers": args.n_layers, "tok_s": batch / per_token, "bound_tok_s": batch * bw / (weights + kv),
+            "frac_measured": (weights + kv) / per_token / bw,
+            "frac_nominal": (weights + kv) / per_token / nominal if nominal else float("nan"),
+            "copy_gb_s": bw / 1e9, "gb_per_token": (weights + kv) / 1e9}
+
+
+def bench_gpu(cfg: BenchConfig) -> list[dict]:
+    if not torch.cuda.is_available():
+        print("[bench] gpu: skipped, no CUDA device here (the section runs by itself where one is present)")
+        return [dict(section="gpu-none", case="no CUDA device in this run: MFU and decode bandwidth not measured")]
+    name = torch.cuda.get_device_name(0)
+    seq, steps = (2048, 2) if cfg.quick else (4096, 5)
+    tr = in_child(gpu_train_case, "llama2-7b", "cuda", seq, 2, steps)
+    rows = [dict(section="gpu-train", case=f"{name}: LLaMA-2-7B shape, {tr['layers']} of 32 blocks, 2 x {seq} packed "
+                 "tokens, bf16 autocast, fp32 AdamW, activation checkpointing", **tr)]
+    for b in (1, 8):
+        dec = in_child(gpu_decode_case, "llama2-7b", "cuda", b, 128, 32 if cfg.quick else 128)
+        rows.append(dict(section="gpu-decode", case=f"{name}: LLaMA-2-7B shape, {dec['layers']} blocks, bf16, "
+                         f"batch {b}, prompt 128", **dec))
+    return rows
+
+
 # ---- report ----
 
 SECTIONS = {"attention": bench_attention, "train": bench_train, "packing": bench_packing, "data": bench_data,
-            "scale": bench_scale, "generate": bench_generate, "load": bench_load}
+            "scale": bench_scale, "generate": bench_generate, "load": bench_load, "gpu": bench_gpu}
 COLUMNS = {  # section -> (header, [(column title, key, format)])
     "attention": ("Packed per-document attention vs dense block-diagonal mask (fwd+bwd)",
                   [("packed ms", "packed_ms", ".1f"), ("dense ms", "dense_ms", ".1f"), ("dense / packed", "ratio", ".2f"),
@@ -541,6 +697,15 @@ COLUMNS = {  # section -> (header, [(column title, key, format)])
     "load": ("Loading the release layout: peak anonymous memory (RssAnon)",
              [("peak anon MB", "anon_mb", ".0f"), ("bf16 model MB", "bf16_mb", ".0f"),
               ("largest shard MB", "shard_mb", ".0f"), ("anon / bf16 model", "ratio", ".2f")]),
+    "gpu-none": ("GPU", []),
+    "gpu-train": ("GPU training step: model FLOPs utilisation (train.step_flops / time / bf16 peak)",
+                  [("blocks", "layers", "d"), ("step s", "step_s", ".2f"), ("tokens/s", "tok_s", ".0f"),
+                   ("TFLOP/s", "tflops", ".0f"), ("MFU", "mfu", ".1%"), ("bf16 matmul TFLOP/s", "matmul_tflops", ".0f"),
+                   ("peak GB", "mem_gb", ".1f")]),
+    "gpu-decode": ("GPU decoding against the memory-bandwidth limit (bytes read per step / measured copy bandwidth)",
+                   [("tokens/s", "tok_s", ".0f"), ("limit tokens/s", "bound_tok_s", ".0f"),
+                    ("of measured bandwidth", "frac_measured", ".1%"), ("of nominal bandwidth", "frac_nominal", ".1%"),
+                    ("copy GB/s", "copy_gb_s", ".0f"), ("GB read per step", "gb_per_token", ".1f")]),
 }
 
 
@@ -550,6 +715,9 @@ def markdown(rows: list[dict]) -> str:
     for section, (title, cols) in COLUMNS.items():
         mine = [r for r in rows if r["section"] == section]
         if not mine:
+            continue
+        if not cols:  # a section that did not run says why in its case text
+            out += [f"**{title}**: {r['case']}\n" for r in mine]
             continue
         out += [f"**{title}**\n", "| case | " + " | ".join(c[0] for c in cols) + " |",
                 "| --- |" + " ---: |" * len(cols)]
@@ -566,8 +734,9 @@ def chart(rows: list[dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    labels = [f"{r['section']}: {r['case'][:60]}" for r in rows if r["section"] != "packing"]
-    values = [r["ratio"] for r in rows if r["section"] != "packing"]
+    shown = [r for r in rows if r["section"] != "packing" and "ratio" in r]
+    labels = [f"{r['section']}: {r['case'][:60]}" for r in shown]
+    values = [r["ratio"] for r in shown]
     fig, ax = plt.subplots(figsize=(10, 0.35 * len(values) + 1.5))
     ax.barh(range(len(values)), values, color="tab:blue")
     ax.axvline(1.0, color="black", lw=0.8)
