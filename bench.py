@@ -523,12 +523,12 @@ def random_model(args, device: str, dtype: torch.dtype):
     """A model of any size straight on the device (built on meta, filled there): no CPU copy of 7B weights."""
     from model import Transformer
     with torch.device("meta"):
-        model = Transformer(args)
-    model.to_empty(device=device)
+        model = Transformer(args).to(dtype)
+    model.to_empty(device=device)  # allocated once, in the final dtype
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
-    return model.to(dtype)
+    return model
 
 
 def sync(device: str):
