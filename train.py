@@ -389,13 +389,18 @@ def save_tokenizer(tok: data.Tokenizer, dst: Path):
 PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak per GPU (SXM)
 
 
+def block_params(args: ModelArgs) -> int:
+    """Weights of one block's matmuls: q and o, k and v (grouped-query), and the three SwiGLU matrices."""
+    kv = args.n_kv_heads * args.head_dim
+    return 2 * args.dim * args.dim + 2 * args.dim * kv + 3 * args.dim * args.hidden_dim
+
+
 def step_flops(args: ModelArgs, n_tok: float, n_sup: float, pairs: float) -> float:
     """FLOPs of forward + backward (3 x forward, 2 per multiply-add) as this trainer runs them: every block weight on
     every token, the output layer only at the n_sup teacher tokens, and attention's QK^T and AV over the causal pairs
     inside each document (pairs = sum of L^2 over documents, twice the causal pairs, hence 6 not 12)."""
-    kv = args.n_kv_heads * args.head_dim
-    block = 2 * args.dim * args.dim + 2 * args.dim * kv + 3 * args.dim * args.hidden_dim  # q,o + k,v + SwiGLU
-    return 6 * args.n_layers * block * n_tok + 6 * args.vocab_size * args.dim * n_sup + 6 * args.n_layers * args.dim * pairs
+    return (6 * args.n_layers * block_params(args) * n_tok + 6 * args.vocab_size * args.dim * n_sup
+            + 6 * args.n_layers * args.dim * pairs)
 
 
 def peak_flops(device: torch.device) -> float | None:

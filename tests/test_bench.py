@@ -12,6 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import bench_gpu
 import train
 from conftest import ROOT
 from model import ModelArgs, Transformer
@@ -40,12 +41,12 @@ def test_step_flops_match_the_flop_counter():
 def test_gpu_cases_run_on_cpu_with_a_tiny_shape():
     """The GPU section's two measurements, on the CPU: every field a number, the block count the shape's own (no
     memory limit off the GPU), and the decode limit the bytes of the weights and cache actually read."""
-    tr = bench.gpu_train_case("tiny", "cpu", seq_len=256, micro_batch=2, steps=1)
+    tr = bench_gpu.gpu_train_case("tiny", "cpu", seq_len=256, micro_batch=2, steps=1)
     assert tr["layers"] == ModelArgs.from_name("tiny").n_layers
     assert tr["tok_s"] > 0 and tr["tflops"] > 0 and math.isnan(tr["mfu"])  # no nominal peak for a CPU
-    dec = bench.gpu_decode_case("tiny", "cpu", batch=2, prompt_len=16, new_tokens=8)
+    dec = bench_gpu.gpu_decode_case("tiny", "cpu", batch=2, prompt_len=16, new_tokens=8)
     args = ModelArgs.from_name("tiny")
-    weights = 2 * (args.n_layers * (bench.block_params(args) + 2 * args.dim) + args.dim + 32003 * args.dim + args.dim)
+    weights = 2 * (args.n_layers * (train.block_params(args) + 2 * args.dim) + args.dim + 32003 * args.dim + args.dim)
     assert abs(dec["gb_per_token"] * 1e9 - weights) / weights < 0.05  # bf16 weights (one embedding row) + small cache
     assert dec["tok_s"] > 0 and 0 < dec["frac_measured"] and math.isnan(dec["frac_nominal"])
 
