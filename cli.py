@@ -1,0 +1,143 @@
+"""One command-line parser for every command, and one way to report a user's mistake.
+
+    python train.py --help                               # every option: type, default, meaning
+    python train.py --config=configs/orca2-7b.json --micro_batch 1 --activation_checkpointing=yes
+
+Each command has a config dataclass whose field defaults and trailing comments are the only source of its options.
+parse() maps the command line onto it: defaults < --config FILE.json < --key=value (or --key value), left to right.
+Booleans are true/false/1/0/yes/no, lists and dicts are JSON, an unknown key is an error that lists the known ones.
+A command's main(cfg) is also called from Python with a config object; run() is only the command-line door.
+
+A mistake in what the user gave (a value, a file, a data line, a server) raises UserError, and run() ends the
+command with one line `error: <where>: <what is wrong and what to do>` and exit code 2. A traceback means a bug.
+"""
+
+import dataclasses
+import io
+import inspect
+import json
+import sys
+import tokenize
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(ValueError):
+    """Something the user supplied is wrong; the message says where and what to do. Printed without a traceback."""
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """field name -> the comment written beside it (and on comment-only lines right below it) in the class source."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a subclass's comment wins over its parent's
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tokens = tokenize.generate_tokens(io.StringIO(inspect.getsource(klass)).readline)
+        current, line_start = None, True
+        for tok in tokens:
+            if tok.type == tokenize.COMMENT and current:
+                comments[current] = (comments.get(current, "") + " " + tok.string.lstrip("#").strip()).strip()
+            elif tok.type == tokenize.NAME and line_start:
+                current = tok.string if tok.string in klass.__dataclass_fields__ else None
+                if current:
+                    comments[current] = ""
+            line_start = tok.type in (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT)
+    return comments
+
+
+def type_name(t) -> str:
+    return getattr(t, "__name__", str(t))
+
+
+KINDS = {"int": "an integer", "float": "a number", "str": "a string", "list": "a JSON list", "dict": "a JSON object"}
+
+
+def convert(key: str, value, t, where: str):
+    """A command-line string or a JSON value as the field's type; UserError when it is not one."""
+    base = getattr(t, "__origin__", t)  # list[str] -> list
+    if isinstance(value, str) and base is not str:
+        text = value.strip().lower()
+        if base is bool:
+            if text not in ("true", "false", "1", "0", "yes", "no"):
+                raise UserError(f"{where}: {key} takes true/false/1/0/yes/no, got {value!r}")
+            return text in ("true", "1", "yes")
+        try:
+            value = json.loads(value) if base in (list, dict) else base(value)
+        except ValueError:
+            raise UserError(f"{where}: {key} takes {KINDS[type_name(base)]}, got {value!r}") from None
+    ok = isinstance(value, base) and (base is bool or not isinstance(value, bool))
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise UserError(f"{where}: {key} takes {KINDS.get(type_name(base), type_name(t))}, got {value!r}")
+    return value
+
+
+def help_text(cls: type, doc: str) -> str:
+    comments = field_comments(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append(f"  --{f.name}  ({type_name(f.type)}, default {json.dumps(default)})\n      {comments.get(f.name, '')}")
+    return (doc or "").strip() + "\n\nOptions (--key=value or --key value; --config FILE.json sets many):\n" + \
+        "\n".join(rows) + "\n"
+
+
+def parse(cls: type, argv: list[str], doc: str = "", positional: tuple[str, ...] = ()):
+    """A `cls` instance from argv: defaults, then --config files and --key=value in order; positional arguments fill
+    the fields named in `positional`. --help prints `doc` and every field, then exits 0."""
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    if "-h" in argv or "--help" in argv:
+        print(help_text(cls, doc))
+        raise SystemExit(0)
+    values, free, i = {}, list(positional), 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if not arg.startswith("--"):
+            if not free:
+                raise UserError(f"unexpected argument {arg!r}; options are --key=value (see --help)")
+            values[free.pop(0)] = arg
+            continue
+        key, eq, raw = arg[2:].partition("=")
+        if not eq:
+            if i >= len(argv):
+                raise UserError(f"--{key} needs a value")
+            raw, i = argv[i], i + 1
+        if key == "config":
+            values.update(read_config_file(raw, types))
+        elif key in types:
+            values[key] = convert(f"--{key}", raw, types[key], "command line")
+        else:
+            raise UserError(f"unknown option --{key}; known options: {', '.join('--' + k for k in types)}")
+    if free:
+        raise UserError(f"missing argument(s): {', '.join(free)} (see --help)")
+    return cls(**values)
+
+
+def read_config_file(path: str, types: dict) -> dict:
+    try:
+        loaded = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise UserError(f"--config {path}: cannot read it ({e.strerror})") from None
+    except ValueError as e:
+        raise UserError(f"--config {path}: not valid JSON ({e})") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"--config {path}: expected a JSON object of option: value")
+    for key in loaded:
+        if key not in types:
+            raise UserError(f"{path}: unknown key {key!r}; known keys: {', '.join(types)}")
+    return {k: convert(k, v, types[k], path) for k, v in loaded.items()}
+
+
+def run(main, cls: type, doc: str, argv: list[str] | None = None, positional: tuple[str, ...] = ()):
+    """The command-line door of a command: parse, call main(cfg), turn UserError and Ctrl-C into one line."""
+    try:
+        return main(parse(cls, sys.argv[1:] if argv is None else argv, doc, positional))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
