@@ -1,8 +1,8 @@
-"""LLaMA-2 / Orca 2 in one file: the network, packed attention, batched generation, and checkpoint I/O.
+"""LLaMA-2 / Orca 2 in one file: the network, packed attention, batched generation, loading and saving.
 
 Run it:
-    python model.py                                              # tiny demo: initial loss ~ ln(vocab), short generation
-    python model.py convert SRC DST --dtype bfloat16 --max_shard_size 5GB   # .bin/safetensors folder -> safetensors
+    python model.py                                       # tiny demo: initial loss ~ ln(vocab), packing, generation
+    python model.py convert SRC DST --dtype=bfloat16 --max_shard_size=5GB   # .bin/safetensors folder -> safetensors
 
 Use it:
     model = Transformer.from_pretrained("Orca-2-7b", dtype=torch.bfloat16)   # the released folder, unchanged
@@ -16,8 +16,9 @@ Notable features:
 - Packed sequences: attention never crosses a document boundary, and its cost is sum(L_i^2), not T^2
   (documents of equal length are batched into one attention call). A dense block-diagonal mask path is kept
   as the reference.
-- Reads config.json (old and new layouts), safetensors (single or sharded) and the release's fp32 PyTorch .bin
-  shards with safe unpickling (weights_only, mmap); tensors are cast one at a time into a meta-built model.
+- Reads config.json (old and new layouts), safetensors (single or sharded), the release's fp32 PyTorch .bin
+  shards with safe unpickling, and llama2.c checkpoints (file formats: weights.py); tensors are cast one at a
+  time into a meta-built model.
 
 Notation for shape comments: B batch, T sequence length, S cache length, C model dim, nh query heads,
 nkv key/value heads, hd head dim, V vocabulary, N documents of one length L.
@@ -25,19 +26,19 @@ nkv key/value heads, hd head dim, V vocabulary, N documents of one length L.
 
 import json
 import math
-import os
-import re
 import shutil
-import sys
-from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+from cli import UserError
+from weights import TOKENIZER_FILES, check_tensor, read_checkpoint, write_safetensors
 
 # ---- config ----
 
@@ -56,7 +57,7 @@ class ModelArgs:
 
     def __post_init__(self):
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"dim ({self.dim}) must divide by n_heads ({self.n_heads}) and n_heads by n_kv_heads ({self.n_kv_heads})")
+            raise UserError(f"dim ({self.dim}) must divide by n_heads ({self.n_heads}) and n_heads by n_kv_heads ({self.n_kv_heads})")
 
     @property
     def head_dim(self) -> int:
@@ -65,24 +66,24 @@ class ModelArgs:
     @classmethod
     def from_name(cls, name: str) -> "ModelArgs":
         if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+            raise UserError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**PRESETS[name])
 
     @classmethod
     def from_hf_config(cls, cfg: dict, where: str = "config.json") -> "ModelArgs":
         """Read a Hugging Face LLaMA config.json (old top-level rope_theta or new nested rope_parameters)."""
         if cfg.get("model_type", "llama") != "llama":
-            raise ValueError(f"{where}: model_type is {cfg.get('model_type')!r}, only 'llama' is supported")
+            raise UserError(f"{where}: model_type is {cfg.get('model_type')!r}, only 'llama' is supported")
         if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (LLaMA uses 'silu')")
+            raise UserError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (LLaMA uses 'silu')")
         for key in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
             if cfg.get(key):
-                raise ValueError(f"{where}: {key}=true is not supported (LLaMA-2 has no biases and untied embeddings)")
+                raise UserError(f"{where}: {key}=true is not supported (LLaMA-2 has no biases and untied embeddings)")
         rope = cfg.get("rope_parameters") or {}
         scaling = cfg.get("rope_scaling")
         rope_type = rope.get("rope_type") or (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
         if rope_type != "default":
-            raise ValueError(f"{where}: rope scaling {rope_type!r} is not implemented; only plain RoPE (LLaMA-2) is")
+            raise UserError(f"{where}: rope scaling {rope_type!r} is not implemented; only plain RoPE (LLaMA-2) is")
         theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
         try:
             args = cls(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
@@ -91,9 +92,9 @@ class ModelArgs:
                        norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
                        max_seq_len=cfg.get("max_position_embeddings", 4096))
         except KeyError as e:
-            raise ValueError(f"{where}: missing key {e.args[0]!r}") from None
+            raise UserError(f"{where}: missing key {e.args[0]!r}") from None
         if cfg.get("head_dim", args.head_dim) != args.head_dim:
-            raise ValueError(f"{where}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads = {args.head_dim}")
+            raise UserError(f"{where}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads = {args.head_dim}")
         return args
 
     def to_hf_config(self, dtype: torch.dtype = torch.float32) -> dict:
@@ -301,6 +302,48 @@ class Transformer(nn.Module):
         for name, t in init_tensors(self, seed, std):
             params[name].copy_(t)
 
+    @staticmethod
+    def meta_state(args: ModelArgs) -> dict[str, torch.Tensor]:
+        """Names and shapes of every parameter, without memory: what a checkpoint must hold."""
+        with torch.device("meta"):
+            return Transformer(args).state_dict()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> "Transformer":
+        """Load an HF LLaMA folder (or a llama2.c .bin) strictly: every parameter, right shapes, nothing else.
+
+        The model is built on the meta device; tensors are cast one by one into `dtype` (default float32, never
+        taken from config.json's torch_dtype) on `device` (default cpu), shard by shard, so the peak is the model in
+        `dtype` plus the shard being read (memory-mapped)."""
+        config, tensors = read_checkpoint(path)
+        args = ModelArgs.from_hf_config(config, f"{path}/config.json")
+        dtype, device = dtype or torch.float32, torch.device(device or "cpu")
+        stored = config.get("torch_dtype", config.get("dtype"))  # older and newer spellings of the same key
+        if stored not in (None, str(dtype).removeprefix("torch.")):
+            print(f"from_pretrained: {Path(path).name} is stored as {stored}; loading as {dtype} as asked")
+        if config.get("pad_token_id") is not None:  # Orca-2-13b says 0 while its tokenizer pads with [PAD] = 32000
+            print(f"from_pretrained: config.json's pad_token_id={config['pad_token_id']} is not used; padding "
+                  "follows the tokenizer, and generation stops on the tokenizer's stop ids")
+        expected, state = cls.meta_state(args), {}
+        for name, t, file in tensors:
+            check_tensor(name, t, expected, file)
+            state[name] = t.to(device=device, dtype=dtype, copy=True)
+        missing = [k for k in expected if k not in state]
+        if missing:
+            raise UserError(f"{path}: {len(missing)} parameters are missing from the checkpoint, e.g. {missing[:3]}")
+        with torch.device("meta"):
+            model = cls(args)
+        model.load_state_dict(state, strict=True, assign=True)
+        return model
+
+    def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None):
+        """Write config.json and safetensors (sharded with an index when larger than max_shard_size)."""
+        sd = self.state_dict()
+        dtype = dtype or self.lm_head.weight.dtype
+        write_safetensors(((k, v.to(dtype)) for k, v in sd.items()), Path(path), max_shard_size, total=len(sd))
+        (Path(path) / "config.json").write_text(json.dumps(self.args.to_hf_config(dtype), indent=2))
+
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 logits_at: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 caches: list[KVCache] | None = None, cache_pos: int = 0):
@@ -331,29 +374,34 @@ class Transformer(nn.Module):
 
     def check_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None):
         if input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int):
-            raise ValueError(f"input_ids must be a (batch, seq) integer tensor, got {input_ids.dtype} of shape {tuple(input_ids.shape)}")
-        T = input_ids.shape[1]
-        if T > self.args.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds the model's context of {self.args.max_seq_len} tokens")
+            raise ValueError(f"input_ids must be a (batch, seq) integer tensor, got {input_ids.dtype} of shape "
+                             f"{tuple(input_ids.shape)}")
+        if position_ids is not None and position_ids.shape != input_ids.shape:
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)} but input_ids has "
+                             f"{tuple(input_ids.shape)}")
+        # A packed row may be longer than the context: positions restart, and each document must fit it.
+        longest = input_ids.shape[1] if position_ids is None else int(position_ids.max()) + 1
+        if longest > self.args.max_seq_len:
+            raise ValueError(f"a sequence of {longest} tokens exceeds the model's context of {self.args.max_seq_len}")
         lo, hi = input_ids.min().item(), input_ids.max().item()
         if lo < 0 or hi >= self.args.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.args.vocab_size}); found {lo if lo < 0 else hi} "
                              "(does the tokenizer match the model's vocabulary?)")
-        if position_ids is not None and position_ids.shape != input_ids.shape:
-            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)} but input_ids has {tuple(input_ids.shape)}")
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: tuple[int, ...] = (2, 32002),
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: tuple[int, ...],
                  temperature: float = 0.0, top_p: float = 1.0, pad_id: int = 0, use_cache: bool = True,
-                 generator: torch.Generator | None = None,
-                 on_token: Callable[[list[int | None]], None] | None = None) -> list[list[int]]:
+                 generator: torch.Generator | None = None, on_token: Callable[[list[int | None]], None] | None = None,
+                 sync_ranks: bool = False) -> list[list[int]]:
         """Batched generation; returns the new tokens of each prompt without its stop token.
 
         Prompts are left-padded to a common end so every row decodes in lockstep into one static KV cache;
         padding is masked out and positions start at 0 at each prompt's first real token, so a prompt's greedy
         output does not depend on what else is in the batch. A row stops at its first stop id, at max_new_tokens,
-        or when it reaches the model's context length. on_token(tokens) is called after each step with the new
-        token of every row (None for finished rows), for streaming."""
+        or when it reaches the model's context length. New tokens stay on the device: one scalar read per step
+        (are all rows done?), and the outputs are copied to the host once at the end. on_token(tokens) is called
+        after each step with the new token of every row (None for finished rows), for streaming. sync_ranks: under
+        FSDP every rank runs each forward, and rank 0's choice of token is sent to all, so they stay in step."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs a non-empty list of non-empty prompts (token-id lists)")
         V, ctx = self.args.vocab_size, self.args.max_seq_len
@@ -373,37 +421,37 @@ class Transformer(nn.Module):
         positions = (col[None, :] - pad[:, None]).clamp(min=0)  # (B, S)
         # key j is visible to query i when j <= i and j is a real token; a pad query sees itself (no empty rows)
         real = col[None, :] >= pad[:, None]  # (B, S)
-        full_mask = (col[None, :, None] >= col[None, None, :]) & (real[:, None, :] | torch.eye(S, dtype=torch.bool, device=device))  # (B, S, S)
+        causal = col[:, None] >= col[None, :]  # (S, S)
+        full_mask = causal & (real[:, None, :] | torch.eye(S, dtype=torch.bool, device=device))  # (B, S, S)
         caches = [KVCache(B, self.args.n_kv_heads, S, self.args.head_dim, device) for _ in self.model.layers] \
             if use_cache else None
-        out: list[list[int]] = [[] for _ in range(B)]
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        stops = torch.tensor(stop_ids, device=device)
-        pos = 0
+        stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
         last = torch.zeros(B, S, dtype=torch.bool, device=device)
         last[:, -1] = True  # logits_at: the last position of whatever slice is fed
+        pos, end = 0, P
         for t in range(P, S):
             if use_cache:  # prefill the prompt once, then one token per step
-                sl = slice(pos, t)
-                logits = self(tokens[:, sl], positions[:, sl], last[:, pos - t:], full_mask[:, None, sl, :t], caches, pos)
+                logits = self(tokens[:, pos:t], positions[:, pos:t], last[:, pos - t:], full_mask[:, None, pos:t, :t],
+                              caches, pos)
                 pos = t
             else:  # recompute the whole prefix every step (the baseline the cache is measured against)
                 logits = self(tokens[:, :t], positions[:, :t], last[:, -t:], full_mask[:, None, :t, :t])
             nxt = sample(logits.float(), temperature, top_p, generator)  # (B,)
-            nxt = torch.where(done, pad_id, nxt)
-            tokens[:, t] = nxt
-            finished_now = torch.isin(nxt, stops) & ~done
-            step = []
-            for i, tok in enumerate(nxt.tolist()):
-                keep = not done[i] and not finished_now[i]
-                if keep:
-                    out[i].append(tok)
-                step.append(tok if keep else None)
-            done |= finished_now
-            if on_token is not None:
-                on_token(step)
-            if done.all() or t + 1 - P >= max_new_tokens:
+            if sync_ranks:
+                torch.distributed.broadcast(nxt, src=0)
+            tokens[:, t] = torch.where(done, pad_id, nxt)
+            stop_now = torch.isin(nxt, stops) & ~done
+            if on_token is not None:  # streaming: the one place that reads every step's tokens
+                on_token([None if d or s else x for x, d, s in zip(nxt.tolist(), done.tolist(), stop_now.tolist())])
+            done |= stop_now
+            end = t + 1
+            if done.all():
                 break
+        out = []
+        for row in tokens[:, P:end].tolist():  # the one copy to the host: cut each row at its first stop id
+            cut = next((k for k, x in enumerate(row) if x in stop_ids), len(row))
+            out.append(row[:cut])
         return out
 
 
@@ -437,251 +485,53 @@ def block_diagonal_mask(position_ids: torch.Tensor) -> torch.Tensor:
     return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
 
 
-# ---- checkpoint files: reading (safetensors, sharded or not, and the release's PyTorch .bin shards) ----
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "generation_config.json")
-# Old conversions stored the RoPE frequencies as a buffer; we recompute them from rope_theta instead.
-IGNORED_TENSOR = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+# ---- convert: any checkpoint folder to safetensors of another dtype ----
 
 
-def checkpoint_files(path: Path) -> tuple[str, list[Path], dict[str, str] | None]:
-    """(format, shard files, index weight_map or None) of a checkpoint folder. safetensors wins over .bin."""
-    for fmt, index, single in (("safetensors", "model.safetensors.index.json", "model.safetensors"),
-                               ("bin", "pytorch_model.bin.index.json", "pytorch_model.bin")):
-        if (path / index).is_file():
-            weight_map = json.loads((path / index).read_text())["weight_map"]
-            files = [path / f for f in dict.fromkeys(weight_map.values())]  # unique, in index order
-            for f in files:
-                if not f.is_file():
-                    raise FileNotFoundError(f"{path / index} names the shard {f.name}, which is not in {path}")
-            return fmt, files, weight_map
-        if (path / single).is_file():
-            return fmt, [path / single], None
-    raise FileNotFoundError(f"{path} holds no weights: expected model.safetensors, model.safetensors.index.json, "
-                            "pytorch_model.bin or pytorch_model.bin.index.json")
+@dataclass
+class ConvertConfig:
+    src: str = ""                  # checkpoint folder to read (.bin or safetensors, any dtype)
+    dst: str = ""                  # new folder to write: safetensors, config.json, tokenizer files
+    dtype: str = "bfloat16"        # target dtype: bfloat16, float16 or float32
+    max_shard_size: str = "5GB"    # largest safetensors shard (decimal units: 500MB, 5GB)
 
 
-def read_shard(file: Path, fmt: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield the tensors of one shard; the shard is released when the generator finishes."""
-    if fmt == "safetensors":
-        from safetensors import SafetensorError, safe_open
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except SafetensorError as e:
-            raise ValueError(f"{file}: not a readable safetensors file ({e}); is it truncated?") from None
-        return
-    import pickle
-    try:  # weights_only: the unpickler builds tensors and plain containers only, and runs no code
-        sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{file}: refused to unpickle: it holds objects other than tensors, and loading it "
-                         f"could run code. Nothing in it was executed. ({str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{file}: cannot read this PyTorch file ({str(e).splitlines()[0]}); is it truncated?") from None
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-        raise ValueError(f"{file}: expected a plain dict of name -> tensor, found {type(sd).__name__}")
-    yield from sd.items()
-    del sd
-
-
-def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    """Every tensor of a checkpoint folder with the shard it came from, checking the index as it goes."""
-    fmt, files, weight_map = checkpoint_files(path)
-    seen: dict[str, str] = {}
-    for file in files:
-        for name, t in read_shard(file, fmt):
-            if name in seen:
-                raise ValueError(f"tensor {name!r} is stored twice: in {seen[name]} and in {file.name}")
-            if weight_map is not None and weight_map.get(name) != file.name:
-                raise ValueError(f"{file}: holds {name!r}, but the index maps it to {weight_map.get(name)!r}")
-            seen[name] = file.name
-            yield name, t, file
-    if weight_map is not None and set(weight_map) - set(seen):
-        missing = sorted(set(weight_map) - set(seen))
-        raise ValueError(f"{path}: the index lists {len(missing)} tensors that no shard holds, e.g. {missing[:3]}")
-
-
-def check_tensor(name: str, t: torch.Tensor, expected: dict[str, torch.Tensor], file: Path):
-    if name not in expected:
-        raise ValueError(f"{file}: unexpected tensor {name!r}: not a parameter of this LLaMA model")
-    if t.shape != expected[name].shape:
-        raise ValueError(f"{file}: {name} has shape {tuple(t.shape)}, config.json implies {tuple(expected[name].shape)}")
-    if not t.is_floating_point():
-        raise ValueError(f"{file}: {name} is {t.dtype}; a weight must be a floating-point tensor")
-
-
-def read_config(path: Path) -> tuple[dict, ModelArgs]:
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{path} is not a checkpoint folder: it has no config.json (expected config.json "
-                                "with model.safetensors, sharded safetensors plus index, or pytorch_model*.bin)")
-    cfg = json.loads(cfg_file.read_text())
-    return cfg, ModelArgs.from_hf_config(cfg, str(cfg_file))
-
-
-def meta_state(args: ModelArgs) -> dict[str, torch.Tensor]:
-    with torch.device("meta"):
-        return Transformer(args).state_dict()
-
-
-def from_pretrained(path: str | os.PathLike, device: str | torch.device | None = None,
-                    dtype: torch.dtype | None = None) -> Transformer:
-    """Load a Hugging Face LLaMA folder into a Transformer (strict: every parameter, right shapes, nothing else).
-
-    The model is built on the meta device; tensors are cast one by one into `dtype` (default float32, never
-    taken from config.json's torch_dtype) on `device` (default cpu), shard by shard, so the peak is the model in
-    `dtype` plus the shard being read (memory-mapped)."""
-    path = Path(path)
-    cfg, args = read_config(path)
-    dtype, device = dtype or torch.float32, torch.device(device or "cpu")
-    stored = cfg.get("torch_dtype", cfg.get("dtype"))  # older and newer spellings of the same key
-    if stored not in (None, str(dtype).removeprefix("torch.")):
-        print(f"from_pretrained: {path.name} is stored as {stored}; loading as {dtype} as asked")
-    if cfg.get("pad_token_id") is not None:  # the Orca-2-13b release says 0 while its tokenizer pads with [PAD] = 32000
-        print(f"from_pretrained: config.json's pad_token_id={cfg['pad_token_id']} is not used; padding follows the "
-              "tokenizer, and generate() stops on both </s> (2) and <|im_end|> (32002)")
-    with torch.device("meta"):
-        model = Transformer(args)
-    expected = model.state_dict()
-    state, ignored = {}, 0
-    for name, t, file in iter_checkpoint(path):
-        if IGNORED_TENSOR.fullmatch(name):
-            ignored += 1
-            continue
-        check_tensor(name, t, expected, file)
-        state[name] = t.to(device=device, dtype=dtype, copy=True)
-    if ignored:
-        print(f"from_pretrained: skipped {ignored} stored rotary_emb.inv_freq buffers (recomputed from rope_theta)")
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise ValueError(f"{path}: {len(missing)} parameters are missing from the checkpoint, e.g. {missing[:3]}")
-    model.load_state_dict(state, strict=True, assign=True)
-    return model
-
-
-Transformer.from_pretrained = staticmethod(from_pretrained)
-
-# ---- checkpoint files: writing ----
-
-
-def parse_size(size: int | str) -> int:
-    """'5GB' -> 5 * 10**9 bytes (decimal units, as the Hugging Face tools count); ints pass through."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB)?\s*", size.upper())
-    if not m:
-        raise ValueError(f"cannot read the size {size!r}; write it like 500MB or 5GB")
-    return int(float(m[1]) * 10 ** {"B": 0, "KB": 3, "MB": 6, "GB": 9, "TB": 12}[m[2] or "B"])
-
-
-def write_safetensors(tensors: Iterator[tuple[str, torch.Tensor]], path: Path, max_shard_size: int | str = "5GB",
-                      total: int | None = None) -> list[str]:
-    """Stream named tensors into safetensors shards of at most max_shard_size, with an index when sharded.
-
-    Only the shard being filled is held in memory. Old weight files in `path` are removed first, so a folder
-    never mixes two saves. Returns the shard file names."""
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-    path.mkdir(parents=True, exist_ok=True)
-    for old in [*path.glob("model*.safetensors"), *path.glob("pytorch_model*.bin"), *path.glob("*.index.json")]:
-        old.unlink()
-    limit, shard, shard_bytes, names, weight_map, total_bytes = parse_size(max_shard_size), {}, 0, [], {}, 0
-
-    def flush():
-        nonlocal shard, shard_bytes
-        name = f"part-{len(names):05d}.safetensors.tmp"
-        save_file(shard, str(path / name), metadata={"format": "pt"})
-        names.append(name)
-        for k in shard:
-            weight_map[k] = name
-        shard, shard_bytes = {}, 0
-
-    for name, t in tqdm(tensors, total=total, desc=f"writing {path.name}", unit="tensor", leave=False):
-        nbytes = t.numel() * t.element_size()
-        if shard and shard_bytes + nbytes > limit:
-            flush()
-        shard[name] = t.detach().to("cpu").contiguous()
-        shard_bytes += nbytes
-        total_bytes += nbytes
-    if shard or not names:
-        flush()
-    n = len(names)
-    final = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for tmp, f in zip(names, final):
-        (path / tmp).rename(path / f)
-    if n > 1:
-        rename = dict(zip(names, final))
-        index = {"metadata": {"total_size": total_bytes}, "weight_map": {k: rename[v] for k, v in weight_map.items()}}
-        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return final
-
-
-def save_pretrained(self: Transformer, path: str | os.PathLike, max_shard_size: int | str = "5GB",
-                    dtype: torch.dtype | None = None):
-    """Write config.json and safetensors (sharded with an index when larger than max_shard_size)."""
-    path = Path(path)
-    sd = self.state_dict()
-    dtype = dtype or self.lm_head.weight.dtype
-    write_safetensors(((k, v.to(dtype)) for k, v in sd.items()), path, max_shard_size, total=len(sd))
-    (path / "config.json").write_text(json.dumps(self.args.to_hf_config(dtype), indent=2))
-
-
-Transformer.save_pretrained = save_pretrained
-
-
-def convert(src: str, dst: str, dtype: str = "bfloat16", max_shard_size: str = "5GB"):
-    """Stream a checkpoint folder (.bin or safetensors, any dtype) into a safetensors folder of `dtype`.
-
-    One source shard is read (memory-mapped) while one destination shard fills: about two shards of memory.
-    config.json (with torch_dtype updated), generation_config.json and the tokenizer files are copied."""
-    src_path, dst_path = Path(src), Path(dst)
-    if src_path.resolve() == dst_path.resolve():
-        raise ValueError("convert writes a new folder; SRC and DST must differ")
-    target = getattr(torch, dtype, None)
+def convert(cfg: ConvertConfig) -> None:
+    """Stream a checkpoint folder into a safetensors folder of cfg.dtype: one source shard (memory-mapped) is read
+    while one destination shard fills, about two shards of memory. config.json (with its dtype updated),
+    generation_config.json and the tokenizer files are copied."""
+    src, dst = Path(cfg.src), Path(cfg.dst)
+    if src.resolve() == dst.resolve():
+        raise UserError("convert writes a new folder; SRC and DST must differ")
+    target = getattr(torch, cfg.dtype, None)
     if not isinstance(target, torch.dtype) or not target.is_floating_point:
-        raise ValueError(f"--dtype must be a floating-point torch dtype such as bfloat16, float16, float32; got {dtype!r}")
-    cfg, args = read_config(src_path)
-    expected = meta_state(args)
+        raise UserError(f"--dtype must be a floating-point torch dtype such as bfloat16, float16, float32; "
+                        f"got {cfg.dtype!r}")
+    config, tensors = read_checkpoint(src)
+    expected = Transformer.meta_state(ModelArgs.from_hf_config(config, str(src / "config.json")))
     seen = set()
 
-    def tensors():
-        for name, t, file in iter_checkpoint(src_path):
-            if IGNORED_TENSOR.fullmatch(name):
-                continue
+    def checked():
+        for name, t, file in tensors:
             check_tensor(name, t, expected, file)
             seen.add(name)
             yield name, t.to(target)
 
-    write_safetensors(tensors(), dst_path, max_shard_size, total=len(expected))
+    write_safetensors(checked(), dst, cfg.max_shard_size, total=len(expected))
     if seen != set(expected):
-        raise ValueError(f"{src_path}: parameters missing from the checkpoint: {sorted(set(expected) - seen)[:3]}")
-    key = "dtype" if "dtype" in cfg else "torch_dtype"  # keep the spelling the source used
-    cfg = dict(cfg, **{key: dtype})
-    (dst_path / "config.json").write_text(json.dumps(cfg, indent=2))
+        raise UserError(f"{src}: parameters missing from the checkpoint: {sorted(set(expected) - seen)[:3]}")
+    key = "dtype" if "dtype" in config else "torch_dtype"  # keep the spelling the source used
+    (dst / "config.json").write_text(json.dumps(dict(config, **{key: cfg.dtype}), indent=2))
     for f in TOKENIZER_FILES:
-        if (src_path / f).is_file():
-            shutil.copy2(src_path / f, dst_path / f)
-    print(f"converted {src_path} -> {dst_path} ({len(seen)} tensors, {dtype})")
+        if (src / f).is_file():
+            shutil.copy2(src / f, dst / f)
+    print(f"converted {src} -> {dst} ({len(seen)} tensors, {cfg.dtype})")
 
 
 # ---- demo ----
 
 
-def main(argv: list[str]):
-    if argv[:1] == ["convert"]:
-        import argparse
-        p = argparse.ArgumentParser(prog="python model.py convert", argument_default=argparse.SUPPRESS,
-                                    description=convert.__doc__.splitlines()[0])
-        p.add_argument("src")
-        p.add_argument("dst")
-        p.add_argument("--dtype", help="target dtype (default bfloat16)")
-        p.add_argument("--max_shard_size", help="e.g. 5GB (default)")
-        return convert(**vars(p.parse_args(argv[1:])))
-    if argv:
-        raise SystemExit(f"usage: python model.py [convert SRC DST [--dtype D] [--max_shard_size S]]; got {argv}")
+def demo() -> None:
     args = ModelArgs.from_name("tiny")
     model = Transformer(args)
     model.init_weights(seed=0)
@@ -693,8 +543,18 @@ def main(argv: list[str]):
     packed = model(x[:1, :64], torch.cat([torch.arange(40), torch.arange(24)])[None])
     alone = torch.cat([model(x[:1, :40]), model(x[:1, 40:64])], dim=1)
     print(f"packed vs separate documents, max |diff| of logits: {(packed - alone).abs().max().item():.2e}")
-    print(f"greedy continuations (random weights): {model.generate([[1, 100, 200, 300], [1, 5, 6]], 12)}")
+    out = model.generate([[1, 100, 200, 300], [1, 5, 6]], 12, stop_ids=(2,))
+    print(f"greedy continuations (random weights): {out}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    import sys
+
+    import cli
+    if sys.argv[1:2] == ["convert"]:
+        cli.run(convert, ConvertConfig, convert.__doc__, sys.argv[2:], positional=("src", "dst"))
+    elif sys.argv[1:]:  # the demo takes no options
+        print(__doc__)
+        raise SystemExit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
+    else:
+        demo()

@@ -12,8 +12,11 @@ import pytest
 import sentencepiece as spm
 
 from conftest import SHARED_DATA
+import cli
 import data
-from data import Conversation, DataConfig, Tokenizer
+import tokenizer
+from data import Conversation, DataConfig
+from tokenizer import Tokenizer
 from orca2 import (CAUTIOUS_SYSTEM_MESSAGE, ERASED_SYSTEM_MESSAGE, IM_END, IM_START, Source, paper_curriculum,
                    render_prompt)
 
@@ -58,7 +61,7 @@ def test_golden_prompt_and_target_ids(tok):
     ids, sup, lengths = tok.encode_docs([data.render_segments(conv)])
     assert ids == GOLDEN + [13, 1576, 1234, 338, 29871, 29946, 29889, 32002] and lengths == [len(ids)]
     assert sup == [0] * len(GOLDEN) + [1] * 8  # exactly "\nThe answer is 4.<|im_end|>"
-    assert (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id, tok.stop_ids) == (32003, 32000, 1, 2, (2, 32002))
+    assert (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id, tok.stop_ids) == (32003, 32000, 1, 2, (2, 32002, 32001))
 
 
 def test_plain_encode_matches_tokenizer_expected_json(tok):
@@ -89,7 +92,7 @@ def test_small_vocab_and_release_folder_added_tokens(tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<unk>"}))
     t = Tokenizer.from_pretrained(folder)
     assert (t.im_start_id, t.im_end_id, t.pad_id, t.vocab_size) == (32000, 32001, 0, 32002)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="no SentencePiece model"):
         Tokenizer.from_pretrained(tmp_path / "nowhere")
 
 
@@ -134,7 +137,7 @@ def test_injected_marker_text_stays_text_and_mask_is_exact(tok):
 
 def test_segments_encode_like_the_rule_on_the_whole_string(tok):
     """ORCA2.md 6.4 applied to the full rendered string (split on markers) gives the same ids as our segments."""
-    raw = spm.SentencePieceProcessor(model_proto=TOKENIZER.read_bytes() + data.NO_DUMMY_PREFIX)
+    raw = spm.SentencePieceProcessor(model_proto=TOKENIZER.read_bytes() + tokenizer.NO_DUMMY_PREFIX)
 
     def rule(text):
         ids = [1]
@@ -428,8 +431,8 @@ def test_duplicates_are_dropped_across_worker_parts_keeping_the_first(tok, tmp_p
 
 def test_command_line_on_a_parquet_file(tmp_path, monkeypatch, capsys):
     path = write_parquet(tmp_path / "1M-GPT4-Augmented.parquet", openorca_rows(40), row_group_size=16)
-    monkeypatch.setattr("sys.argv", ["data.py", path, "--cache_dir", str(tmp_path / "cache"), "--num_workers", "1"])
-    data.main()
+    data.main(cli.parse(data.ShowConfig, [path, "--cache_dir", str(tmp_path / "cache"), "--num_workers", "1"],
+                        positional=("file",)))
     out = capsys.readouterr().out
     assert "first example of" in out and "(format openorca)" in out and "assistant⟦\nAnswer 0.<|im_end|>⟧" in out
     assert "39 examples" in out and "dropped 1 exact duplicates" in out and "metadata columns ['id']" in out

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FIXTURES, SHARED_DATA
-from model import Transformer, convert
+from model import ConvertConfig, Transformer, convert
 
 REF_TENSORS = load_file(str(FIXTURES / "reference_logits.safetensors"))
 
@@ -83,7 +83,7 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path):
 
 def test_convert_bin_to_bf16_safetensors_round_trip(tmp_path):
     src = release_folder(tmp_path / "src")
-    convert(str(src), str(tmp_path / "dst"), dtype="bfloat16", max_shard_size="300KB")
+    convert(ConvertConfig(str(src), str(tmp_path / "dst"), dtype="bfloat16", max_shard_size="300KB"))
     dst = tmp_path / "dst"
     assert (dst / "model.safetensors.index.json").is_file()
     assert json.loads((dst / "config.json").read_text())["torch_dtype"] == "bfloat16"

@@ -1,0 +1,195 @@
+"""The six zero-shot benchmarks of Orca 2's evaluation (ORCA2.md 7): items, prompts and loaders, without torch.
+
+    python benchmarks.py                      # how many items each benchmark has, and one prompt of each
+
+Shared by evaluate.py (what the model is asked), decontaminate.py (the text whose n-grams must not be trained on)
+and answers.py (the answer format of each item). The files are the ones in ../shared/data/benchmarks, as published
+(layouts in ../shared/data/README.md).
+
+    items = load_benchmark("gsm8k")           # list[Item]: id, benchmark, subset, text, prompt, gold, kind, choices
+"""
+
+import gzip
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cli import UserError
+from orca2 import BENCHMARKS, SHARED_DATA
+
+DEFAULT_DATA_DIR = SHARED_DATA / "benchmarks"
+
+
+AGIEVAL_TASKS = ("aqua-rat", "logiqa-en", "lsat-ar", "lsat-lr", "lsat-rc", "sat-math", "sat-en", "sat-en-without-passage")
+# BBH answer formats: binary tasks (labels in the gold's spelling), free-form tasks, lettered multiple choice.
+BBH_BINARY = {"boolean_expressions": ("True", "False"), "causal_judgement": ("Yes", "No"),
+              "formal_fallacies": ("valid", "invalid"), "navigate": ("Yes", "No"),
+              "sports_understanding": ("yes", "no"), "web_of_lies": ("Yes", "No")}
+BBH_FREE_FORM = {"dyck_languages": "dyck", "word_sorting": "words", "multistep_arithmetic_two": "number",
+                 "object_counting": "number"}
+BBH_CHOICE = ("date_understanding", "disambiguation_qa", "geometric_shapes", "hyperbaton",
+              "logical_deduction_five_objects", "logical_deduction_seven_objects", "logical_deduction_three_objects",
+              "movie_recommendation", "penguins_in_a_table", "reasoning_about_colored_objects", "ruin_names",
+              "salient_translation_error_detection", "snarks", "temporal_sequences",
+              "tracking_shuffled_objects_five_objects", "tracking_shuffled_objects_seven_objects",
+              "tracking_shuffled_objects_three_objects")
+BBH_TASKS = tuple(sorted([*BBH_BINARY, *BBH_FREE_FORM, *BBH_CHOICE]))
+BBH_MC = tuple(sorted([*BBH_BINARY, *BBH_CHOICE]))  # the 23 the BBH score averages
+BENCHMARK_FILES = {
+    "agieval": [f"agieval/{t}.jsonl" for t in AGIEVAL_TASKS],
+    "bbh": [f"bbh/{t}.json" for t in BBH_TASKS],
+    "drop": ["drop/drop_v0_dev.jsonl.gz"],
+    "crass": ["crass/CR-C_CRASS_EN.json", "crass/CR-C_CRASS_EN_gt_label.json"],
+    "race": ["race/test_high.jsonl", "race/test_middle.jsonl"],
+    "gsm8k": ["gsm8k/test.jsonl"],
+}
+# Zero-shot, no chain-of-thought trigger: one fixed sentence per answer format, naming the cue "Answer:" that
+# extraction looks for first. The paper's own prompts are not published in readable form (ORCA2.md 7).
+INSTRUCTIONS = {
+    "choice": 'End your response with "Answer: (X)", where X is the letter of the correct option.',
+    "binary": 'End your response with "Answer: {0}" or "Answer: {1}".',
+    "number": 'End your response with "Answer:" followed by the final number.',
+    "dyck": 'End your response with "Answer:" followed by the closing brackets, separated by spaces.',
+    "words": 'End your response with "Answer:" followed by the sorted words, separated by spaces.',
+    "drop": 'Answer the question using the passage. End your response with "Answer:" followed by the answer: '
+            'a number, a date, or words from the passage (separate several answers with commas).',
+}
+LETTERS = "ABCDEFGHIJKLMNOPQR"  # up to (R): reasoning_about_colored_objects
+
+
+@dataclass
+class Item:
+    id: str                # stable id, e.g. "gsm8k/17", "agieval/lsat-ar/3", "race/high/high73.txt/0"
+    benchmark: str         # one of orca2.BENCHMARKS
+    subset: str            # AGIEval set, BBH task, RACE level; "test"/"dev"/"all" for single-subset sets
+    text: str              # the task as shown to the model: passage, question, options (no format instruction)
+    prompt: str            # the user message: text + the format instruction
+    gold: str | list[str]  # letter, label, number or string; DROP: the list of gold alternatives
+    kind: str              # answer format: choice, binary, number, dyck, words, drop
+    choices: list[str] = field(default_factory=list)  # option texts (choice) or labels (binary)
+    meta: dict = field(default_factory=dict)  # source fields worth keeping (upstream target, ...)
+
+
+def item_text(item: Item) -> str:
+    """The text the model is shown for this item (question, passage, options), for decontamination."""
+    return item.text
+
+
+def make_item(item_id: str, benchmark: str, subset: str, text: str, gold, kind: str, choices=(), **meta) -> Item:
+    instruction = INSTRUCTIONS[kind].format(*choices) if kind == "binary" else INSTRUCTIONS[kind]
+    return Item(item_id, benchmark, subset, text, f"{text}\n\n{instruction}", gold, kind, list(choices), meta)
+
+
+def mc_text(context: str | None, question: str, options: list[str]) -> str:
+    lines = "\n".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
+    return (f"{context}\n\n" if context else "") + f"{question}\nOptions:\n{lines}"
+
+
+def read_lines(path: Path) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_agieval(d: Path) -> list[Item]:
+    items = []
+    for task in AGIEVAL_TASKS:
+        for i, r in enumerate(read_lines(d / f"agieval/{task}.jsonl")):
+            # options carry their letter, "(A)text"; 24 logiqa-en options are written "A text"
+            opts = [re.sub(r"^\s*\(?[A-E]\)?\s*", "", o, count=1) for o in r["options"]]
+            items.append(make_item(f"agieval/{task}/{i}", "agieval", task, mc_text(r["passage"], r["question"], opts),
+                                   r["label"], "choice", opts))
+    return items
+
+
+def load_bbh(d: Path) -> list[Item]:
+    items = []
+    for task in BBH_TASKS:
+        for i, ex in enumerate(json.loads((d / f"bbh/{task}.json").read_text())["examples"]):
+            text, target = ex["input"], ex["target"]
+            if task in BBH_BINARY:
+                assert target in BBH_BINARY[task], f"bbh/{task}/{i}: target {target!r} not in {BBH_BINARY[task]}"
+                item = make_item(f"bbh/{task}/{i}", "bbh", task, text, target, "binary", BBH_BINARY[task])
+            elif task in BBH_FREE_FORM:
+                item = make_item(f"bbh/{task}/{i}", "bbh", task, text, target, BBH_FREE_FORM[task])
+            else:  # options are lines "(A) text" inside the input; 3 upstream targets are texts, never matched
+                opts = dict(re.findall(r"^\(([A-R])\)\s*(.*)$", text, re.M))
+                gold = target[1] if re.fullmatch(r"\([A-R]\)", target) else target
+                item = make_item(f"bbh/{task}/{i}", "bbh", task, text, gold, "choice", list(opts.values()))
+            item.meta["target"] = target
+            items.append(item)
+    return items
+
+
+def load_drop(d: Path) -> list[Item]:
+    items = []
+    for i, r in enumerate(read_lines(d / "drop/drop_v0_dev.jsonl.gz")):
+        # context = "Passage: <p>\nQuestion: <q>\nAnswer:"; ref_text = gold alternatives joined by "|"
+        text = r["context"].removesuffix("\nAnswer:")
+        golds = list(dict.fromkeys(g for g in r["ref_text"].split("|") if g.strip()))  # 8 rows repeat one
+        items.append(make_item(f"drop/{i}", "drop", "dev", text, golds, "drop"))
+    return items
+
+
+def load_crass(d: Path) -> list[Item]:
+    labels = {r["index"]: r["gt_answer"] for r in read_lines(d / "crass/CR-C_CRASS_EN_gt_label.json")}
+    items = []
+    for r in read_lines(d / "crass/CR-C_CRASS_EN.json"):
+        slots = [k for k in ("Answer1", "Answer2", "Answer3", "Answer4") if r[k].strip()]  # 230 items have 3
+        gold = LETTERS[slots.index(f"Answer{labels[r['index']]}")]
+        opts = [r[k] for k in slots]
+        items.append(make_item(f"crass/{r['index']}", "crass", "all", mc_text(None, f"{r['premise']} {r['QCC']}", opts),
+                               gold, "choice", opts))
+    return items
+
+
+def load_race(d: Path) -> list[Item]:
+    items = []
+    for level in ("high", "middle"):
+        for art in read_lines(d / f"race/test_{level}.jsonl"):
+            for j, (q, opts, ans) in enumerate(zip(art["questions"], art["options"], art["answers"])):
+                items.append(make_item(f"race/{level}/{art['id']}/{j}", "race", level,
+                                       mc_text(f"Article:\n{art['article']}", q, opts), ans, "choice", opts))
+    return items
+
+
+def load_gsm8k(d: Path) -> list[Item]:
+    return [make_item(f"gsm8k/{i}", "gsm8k", "test", r["question"], r["answer"].split("####")[-1].strip().replace(",", ""),
+                      "number", solution=r["answer"]) for i, r in enumerate(read_lines(d / "gsm8k/test.jsonl"))]
+
+
+LOADERS = {"agieval": load_agieval, "bbh": load_bbh, "drop": load_drop, "crass": load_crass, "race": load_race,
+           "gsm8k": load_gsm8k}
+
+
+def load_benchmark(name: str, data_dir: str | Path = DEFAULT_DATA_DIR, limit: int = 0) -> list[Item]:
+    """All items of one benchmark (the first `limit` of every subset when limit > 0), in file order."""
+    if name not in LOADERS:
+        raise UserError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+    d = Path(data_dir)
+    for rel in BENCHMARK_FILES[name]:
+        if not (d / rel).is_file():
+            raise UserError(f"{name}: expected the file {rel} under {d} (missing: {d / rel}); point "
+                                    "--data_dir at the folder holding agieval/ bbh/ drop/ crass/ race/ gsm8k/ "
+                                    "(layout in ../shared/data/README.md)")
+    items = LOADERS[name](d)
+    if limit > 0:
+        kept: dict[str, list[Item]] = {}
+        for it in items:
+            kept.setdefault(it.subset, [])
+            if len(kept[it.subset]) < limit:
+                kept[it.subset].append(it)
+        items = [it for group in kept.values() for it in group]
+    return items
+
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:]:
+        print(__doc__)
+        raise SystemExit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
+    for name in BENCHMARKS:
+        items = load_benchmark(name)
+        print(f"{name}: {len(items):,} items; first prompt:\n{items[0].prompt[:400]}\n")

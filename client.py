@@ -1,0 +1,321 @@
+"""The one way this project talks to OpenAI-compatible servers, with every paid answer kept in an on-disk cache.
+
+    teacher = Endpoint("https://api.openai.com/v1", "gpt-4", "runs/teacher.sqlite", desc="teacher")
+    teacher.check()  # seconds, not the retry schedule: is the server there, does it take the key
+    replies = teacher.run([("chat", {"messages": [...], "max_tokens": 1024, "temperature": 0.0}), ...])
+
+synth.py sends a teacher (OpenAI, or an open model under vLLM, llama.cpp, Ollama, SGLang) one chat request per item
+x strategy; evaluate.py sends vLLM completions with token-id prompts. `python client.py` sends 2,000 requests to a
+scripted LocalServer on 127.0.0.1 (the tests' kind of server), then answers them again from the cache.
+
+Cache: a request's key is the sha256 of (kind, model, body), the body holding every field sent. A good reply is
+committed to the sqlite file the moment it arrives, so a crash or kill -9 never loses a stored answer and a rerun
+sends only what is missing. Failures are never stored, nor are the API key and headers.
+
+Retries: the openai client retries 408, 409, 429, 5xx, timeouts and lost connections max_retries times, waiting
+0.5 s doubling to 8 s, or what Retry-After says. What still fails is a Failure, retried by the next run. Any other
+4xx means the server refuses this kind of request and would refuse them all: the run stops with a UserError.
+A 200 that breaks the protocol (not JSON, no choices, ...) is a Failure showing the start of what came back.
+"""
+
+import asyncio
+import hashlib
+import json
+import os
+import sqlite3
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import openai
+from tqdm import tqdm
+
+from cli import UserError
+
+PATHS = {"chat": "/chat/completions", "completions": "/completions"}  # request kind -> where it is POSTed
+FIRST = {"chat": "messages", "completions": "prompt"}  # the field each kind's openai create() requires
+
+
+def request_key(kind: str, model: str, body: dict) -> str:
+    """sha256 hex of the canonical JSON of everything that determines the reply."""
+    text = json.dumps([kind, model, body], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def one_line(text: object, limit: int = 200) -> str:
+    """The start of a message or a reply body, on one line."""
+    return " ".join(str(text).split())[:limit]
+
+
+# ---- cache ----
+
+class Cache:
+    """Successful replies in one sqlite file, each committed by itself as it arrives."""
+
+    def __init__(self, path: str | Path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: every statement commits. WAL with synchronous=NORMAL survives a killed process
+        # (only a power cut can lose the last commits) without an fsync per reply.
+        self.db = sqlite3.connect(str(path), isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS replies "
+                        "(key TEXT PRIMARY KEY, kind TEXT, model TEXT, request TEXT, reply TEXT, created REAL)")
+
+    def get_many(self, keys: list[str]) -> dict[str, dict]:
+        """key -> stored reply JSON, for the keys that are stored."""
+        found = {}
+        for i in range(0, len(keys), 500):  # chunks stay under sqlite's limit on ? parameters
+            chunk = keys[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            for key, reply in self.db.execute(f"SELECT key, reply FROM replies WHERE key IN ({marks})", chunk):
+                found[key] = json.loads(reply)
+        return found
+
+    def put(self, key: str, kind: str, model: str, body: dict, reply: dict) -> None:
+        """Store one successful reply; committed when this returns."""
+        row = (key, kind, model, json.dumps(body), json.dumps(reply), time.time())
+        self.db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?, ?)", row)
+
+
+# ---- replies ----
+
+@dataclass
+class Reply:
+    text: str
+    finish_reason: str  # "stop", "length", ...
+    prompt_tokens: int  # as the server counted them; 0 when it does not say
+    completion_tokens: int
+    token_ids: list[int] | None  # the generated token ids, where the server returns them (vLLM's return_token_ids)
+    cached: bool  # True: read from the cache, nothing was sent
+
+
+@dataclass
+class Failure:
+    error: str  # one line: what went wrong after the retries, with the start of what came back
+
+
+def parse_reply(kind: str, data: object) -> Reply:
+    """The Reply in a response's JSON; ValueError naming what breaks the protocol."""
+    where = "choices[0].message.content" if kind == "chat" else "choices[0].text"
+    try:
+        choice = data["choices"][0]
+        text = choice["message"]["content"] if kind == "chat" else choice["text"]
+        usage = data.get("usage") or {}  # llama.cpp and vLLM send it; a server that does not counts as 0 tokens
+        reply = Reply(text, str(choice.get("finish_reason") or ""), int(usage.get("prompt_tokens", 0)),
+                      int(usage.get("completion_tokens", 0)), choice.get("token_ids"), cached=False)
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise ValueError(f"no {where}") from None
+    if not isinstance(text, str):
+        raise ValueError(f"{where} is not a string")
+    ids = reply.token_ids
+    if ids is not None and not (isinstance(ids, list) and all(type(t) is int for t in ids)):  # bool is no token
+        raise ValueError("choices[0].token_ids is not a list of integers")
+    return reply
+
+
+def chat_response(text: str, finish_reason: str = "stop", prompt_tokens: int = 0, completion_tokens: int = 0) -> dict:
+    """A /chat/completions response body, for scripted servers."""
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+    return {"choices": [choice], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}}
+
+
+def completion_response(text: str, token_ids: list[int] | None = None, finish_reason: str = "stop") -> dict:
+    """A /completions response body, with vLLM's generated token_ids when given, for scripted servers."""
+    choice = {"index": 0, "text": text, "finish_reason": finish_reason, "token_ids": token_ids}
+    return {"choices": [choice], "usage": {"prompt_tokens": 0, "completion_tokens": len(token_ids or [])}}
+
+
+# ---- endpoint ----
+
+@dataclass
+class Endpoint:
+    """One model on one OpenAI-compatible server, with its cache; .stats holds totals over every run()."""
+    base_url: str  # e.g. https://api.openai.com/v1 or http://localhost:8000/v1 (vLLM)
+    model: str  # the model name the server knows; part of every cache key
+    cache_path: str | Path  # the sqlite file of replies; a rerun with the same file sends only what is missing
+    api_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key; unset: "none" (local servers)
+    concurrency: int = 16  # requests in flight at once
+    timeout_s: float = 120.0  # seconds for one try of one request
+    max_retries: int = 6  # the openai client's retries of 408/409/429/5xx/timeouts/lost connections, per request
+    progress: bool = True  # a tqdm bar over each run
+    desc: str = "requests"  # the bar's label
+
+    def __post_init__(self):
+        self.base_url = self.base_url.rstrip("/")
+        self.cache = Cache(self.cache_path)
+        # requests and tokens count only what was sent (paid for), never cache hits
+        self.stats = dict(requests=0, cache_hits=0, failures=0, prompt_tokens=0, completion_tokens=0, seconds=0.0)
+
+    def client_options(self) -> dict:
+        api_key = os.environ.get(self.api_key_env) or "none"  # local servers take any key, but the client needs one
+        return dict(base_url=self.base_url, api_key=api_key, max_retries=self.max_retries, timeout=self.timeout_s)
+
+    def check(self) -> None:
+        """Fail in seconds when the server cannot be reached or refuses the key (a missing GET /models is fine)."""
+        with openai.OpenAI(**{**self.client_options(), "max_retries": 0, "timeout": 10.0}) as client:
+            try:
+                client.models.with_raw_response.list()
+            except openai.APIConnectionError as e:
+                why = f"cannot connect ({one_line(e.__cause__ or e.message)})"
+                raise UserError(f"{self.base_url}: {why}; start the server or fix --base_url") from None
+            except openai.APIStatusError as e:
+                if e.status_code in (401, 403):
+                    raise UserError(self.key_refused(e)) from None
+
+    def key_refused(self, e: openai.APIStatusError) -> str:
+        return f"{self.base_url}: the key was refused (HTTP {e.status_code}); set ${self.api_key_env} to a valid key"
+
+    def run(self, requests: list[tuple[str, dict]], max_new: int = 0) -> list[Reply | Failure | None]:
+        """Replies in request order: cached ones at once, the rest sent; None for those max_new (> 0) left unsent."""
+        start = time.time()
+        keys = [request_key(kind, self.model, body) for kind, body in requests]
+        stored = self.cache.get_many(keys)
+        results: list[Reply | Failure | None] = [None] * len(requests)
+        first_of: dict[str, int] = {}  # key -> the request sent for it: identical requests share one reply
+        for i, (kind, body) in enumerate(requests):
+            assert kind in PATHS, f"request kind must be one of {list(PATHS)}, got {kind!r}"
+            assert body.get("n", 1) == 1 and not body.get("stream"), "one sample per request: no n > 1, no stream"
+            if keys[i] in stored:
+                results[i] = parse_reply(kind, stored[keys[i]])
+                results[i].cached = True
+            else:
+                first_of.setdefault(keys[i], i)
+        todo = list(first_of.values())
+        todo = todo[:max_new] if max_new > 0 else todo
+        hits = len(requests) - len(first_of)
+        self.stats["cache_hits"] += hits
+        bar = tqdm(total=len(requests), initial=hits, unit="req", desc=self.desc, disable=not self.progress)
+        try:
+            asyncio.run(self.send_all(requests, keys, todo, results, bar))
+        finally:  # Ctrl-C included: every reply put so far is committed
+            bar.close()
+            self.stats["seconds"] += time.time() - start
+        for i, key in enumerate(keys):  # a repeated request gets the reply of the one that was sent
+            results[i] = results[first_of.get(key, i)]
+        return results
+
+    async def send_all(self, requests, keys, todo, results, bar) -> None:
+        """Send the todo requests, at most concurrency at once, caching each reply as it arrives."""
+        client = openai.AsyncOpenAI(**self.client_options())  # one per event loop: its connections belong to the loop
+        semaphore = asyncio.Semaphore(self.concurrency)
+
+        async def one(i: int) -> None:
+            async with semaphore:
+                results[i] = await self.send(client, keys[i], *requests[i])
+            self.stats["requests"] += 1
+            self.stats["failures"] += isinstance(results[i], Failure)
+            self.stats["prompt_tokens"] += getattr(results[i], "prompt_tokens", 0)
+            self.stats["completion_tokens"] += getattr(results[i], "completion_tokens", 0)
+            tokens = self.stats["prompt_tokens"] + self.stats["completion_tokens"]
+            bar.set_postfix(tokens=str(tokens), failures=self.stats["failures"], refresh=False)
+            bar.update(1)  # tqdm's req/s and ETA count only these, not the cache hits it started with
+
+        tasks = [asyncio.create_task(one(i)) for i in todo]
+        try:
+            await asyncio.gather(*tasks)
+        finally:  # a UserError or Ctrl-C cancels the rest at once; nothing half-received is stored
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await client.close()
+
+    async def send(self, client: openai.AsyncOpenAI, key: str, kind: str, body: dict) -> Reply | Failure:
+        """One request through the client's retries; a good reply is in the cache before this returns."""
+        url = self.base_url + PATHS[kind]
+        create = (client.chat.completions if kind == "chat" else client.completions).with_raw_response.create
+        try:
+            # extra_body overrides the SDK's typed copy of each field, so the body goes out exactly as given (vLLM's
+            # extra fields too); the raw response lets us check the protocol and read fields the SDK does not know
+            raw = await create(model=self.model, **{FIRST[kind]: openai.NOT_GIVEN}, extra_body=body)
+        except openai.APIStatusError as e:
+            if e.status_code in (401, 403):
+                raise UserError(self.key_refused(e)) from None
+            if e.status_code < 500 and e.status_code not in (408, 409, 429):
+                token_ids = " and a token-id prompt" if isinstance(body.get("prompt"), list) else ""
+                sent = f"a {kind} request with fields {', '.join(sorted(body))}{token_ids}"
+                raise UserError(f"{url}: the server refused {sent}: {one_line(e.message, 400)}") from None
+            return Failure(f"{url}: HTTP {e.status_code} after retries: {one_line(e.message)}")
+        except openai.APIConnectionError as e:
+            return Failure(f"{url}: {e.message} {one_line(e.__cause__ or '')} after retries")
+        text = raw.http_response.text
+        try:
+            data = json.loads(text)
+            reply = parse_reply(kind, data)
+        except ValueError as e:  # json.JSONDecodeError is a ValueError too
+            what = "not JSON" if isinstance(e, json.JSONDecodeError) else str(e)
+            return Failure(f"{url}: malformed reply ({what}): {one_line(text)}")
+        self.cache.put(key, kind, self.model, body, data)
+        return reply
+
+
+# ---- a local server ----
+
+class Handler(BaseHTTPRequestHandler):
+    """Answers a POST with the server's respond(path, body) and GET .../models with an empty list."""
+    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse a connection rather than open one per request
+    disable_nagle_algorithm = True  # headers and body are two writes: send the second without waiting for an ACK
+
+    def do_GET(self):
+        found = self.path.rstrip("/").endswith("/models")
+        self.answer(200 if found else 404, {"data": []} if found else {"error": {"message": "not found"}}, {})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        self.answer(*self.server.respond(self.path, body))
+
+    def answer(self, status: int, reply: dict | str, headers: dict) -> None:
+        data = (reply if isinstance(reply, str) else json.dumps(reply)).encode()
+        self.send_response(status)
+        for name, value in {"Content-Type": "application/json", "Content-Length": len(data), **headers}.items():
+            self.send_header(name, str(value))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+class LocalServer(ThreadingHTTPServer):
+    """An OpenAI-compatible server on 127.0.0.1: respond(path, body) -> (status, JSON object or text, headers)."""
+    daemon_threads = True
+    request_queue_size = 256  # many clients connect at once; the default backlog of 5 drops some
+
+    def __init__(self, respond, port: int = 0):
+        super().__init__(("127.0.0.1", port), Handler)
+        self.respond = respond  # called with the path as sent, e.g. "/v1/chat/completions", and the JSON body
+        self.base_url = f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+    def handle_error(self, request, client_address):
+        # a client that goes away mid-request (Ctrl-C, kill -9, a timeout) is routine; anything else is a bug to show
+        if not isinstance(sys.exc_info()[1], (ConnectionError, json.JSONDecodeError)):
+            super().handle_error(request, client_address)
+
+    def start(self) -> "LocalServer":
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+    __enter__ = start
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+if __name__ == "__main__":
+    import tempfile
+    reply = (200, chat_response("4", prompt_tokens=9, completion_tokens=1), {})
+    with LocalServer(lambda path, body: reply) as server, tempfile.TemporaryDirectory() as tmp:
+        teacher = Endpoint(server.base_url, "teacher", f"{tmp}/cache.sqlite", concurrency=64, desc="teacher")
+        teacher.check()
+        requests = [("chat", {"messages": [{"role": "user", "content": f"{i} + 0?"}]}) for i in range(2000)]
+        for what in ("sent", "cached"):
+            start = time.time()
+            assert all(r.text == "4" for r in teacher.run(requests))
+            print(f"{what}: {len(requests) / (time.time() - start):.0f} requests/s, totals {teacher.stats}")

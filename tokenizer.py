@@ -1,0 +1,178 @@
+"""The Orca 2 tokenizer: LLaMA-2's SentencePiece plus three added tokens, encoding by the exact rule of ORCA2.md 6.4.
+
+    python tokenizer.py "What is 2+2?"        # the ids of that prompt under the template, and back to text
+
+    tok = Tokenizer.from_pretrained("Orca-2-7b")          # a model folder or a tokenizer.model file
+    ids = tok.encode_prompt(CAUTIOUS_SYSTEM_MESSAGE, "What is 2+2?")   # equals the release tokenizer's ids
+
+The template's markers (<|im_start|>, <|im_end|>) become their control ids only where the template puts them
+(Segment.marker); the same strings typed inside a user's text stay text. data.py builds training documents from
+Segments, chat.py and evaluate.py build prompts with encode_prompt.
+"""
+
+import hashlib
+import json
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import NamedTuple
+
+import sentencepiece as spm
+
+from cli import UserError
+from orca2 import (BOS, CAUTIOUS_SYSTEM_MESSAGE, EOS, FOLLOWUP, IM_END, IM_START, PAD, PROMPT, SPECIAL_IDS, UNK,
+                   is_field)
+
+# sentencepiece has no switch for the dummy prefix, so we append a second NormalizerSpec (ModelProto field 3) holding
+# only add_dummy_prefix = false (field 3, varint 0). Protobuf merges repeated message fields: only that flag changes.
+NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
+MARKERS = (IM_START, IM_END)
+
+
+class Segment(NamedTuple):
+    text: str          # a marker string when marker is True, else ordinary text
+    supervised: bool   # teacher tokens (get labels)
+    marker: bool       # placed by the template: becomes one control id
+
+
+def fill(template: tuple[str, ...], values: dict[str, str], supervised: bool) -> list[Segment]:
+    """A template of orca2.py as Segments: each marker one Segment, the text between two markers one Segment
+    (the literal parts and the filled-in values joined, as the whole rendered string would be encoded)."""
+    segments, text = [], []
+    for part in template:
+        if part in MARKERS:
+            if text:
+                segments.append(Segment("".join(text), supervised, False))
+                text = []
+            segments.append(Segment(part, supervised, True))
+        else:
+            text.append(values[part[1:-1]] if is_field(part) else part)
+    if text:
+        segments.append(Segment("".join(text), supervised, False))
+    return segments
+
+
+class Tokenizer:
+    """LLaMA-2 SentencePiece plus the Orca 2 added tokens ([PAD], <|im_start|>, <|im_end|>)."""
+
+    def __init__(self, model_proto: bytes, added_tokens: dict[str, int] | None = None, pad: str = PAD):
+        self.model_proto = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.sp_raw = spm.SentencePieceProcessor(model_proto=model_proto + NO_DUMMY_PREFIX)
+        n = self.sp.vocab_size()
+        # marker -> id; default: the added tokens right after the SentencePiece vocabulary (32000-32002 for LLaMA-2)
+        self.added = dict(added_tokens or {s: n + SPECIAL_IDS[s] - SPECIAL_IDS[PAD] for s in (PAD, IM_START, IM_END)})
+        ids = list(self.added.values())
+        if {IM_START, IM_END} - set(self.added) or min(ids) < n or len(set(ids)) != len(ids):
+            raise UserError(f"added tokens {self.added} need {IM_START} and {IM_END}, with distinct ids >= {n} "
+                            "(the SentencePiece vocabulary size)")
+        self.marker_of = {i: s for s, i in self.added.items()}
+        self.vocab_size = max(n, max(ids) + 1)
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.im_start_id, self.im_end_id = self.added[IM_START], self.added[IM_END]
+        # The tokenizer is authoritative for padding (the 13b config.json's pad_token_id 0 is not).
+        self.pad_token = pad
+        self.pad_id = self.added[pad] if pad in self.added else self.sp.piece_to_id(pad)
+        # Generation ends a turn on </s> or <|im_end|>; <|im_start|> would open an invented next turn.
+        self.stop_ids = (self.eos_id, self.im_end_id, self.im_start_id)
+        digest = hashlib.sha256(model_proto + json.dumps(self.added, sort_keys=True).encode()).hexdigest()
+        self.identity = f"{digest[:16]}-pad{self.pad_id}"  # part of every cache key
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "Tokenizer":
+        """A tokenizer.model file, or a folder with tokenizer.model (+ added_tokens.json / tokenizer_config.json)."""
+        path = Path(path)
+        model_file = path / "tokenizer.model" if path.is_dir() else path
+        if not model_file.is_file():
+            raise UserError(f"{model_file}: no SentencePiece model there; pass a tokenizer.model or a model folder")
+        added_file, config_file = model_file.parent / "added_tokens.json", model_file.parent / "tokenizer_config.json"
+        added = json.loads(added_file.read_text()) if added_file.is_file() else None
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        pad = config.get("pad_token") or PAD
+        pad = pad.get("content", PAD) if isinstance(pad, dict) else pad
+        decoder = {t["content"]: int(i) for i, t in config.get("added_tokens_decoder", {}).items()}
+        if added is None and IM_START in decoder:  # newer releases list added tokens only in tokenizer_config.json
+            added = {s: decoder[s] for s in (PAD, IM_START, IM_END) if s in decoder}
+        return cls(model_file.read_bytes(), added, pad)
+
+    def save_pretrained(self, dst: Path) -> None:
+        """The release's tokenizer files: SentencePiece model, added tokens, special tokens, generation settings."""
+        (dst / "tokenizer.model").write_bytes(self.model_proto)
+        (dst / "added_tokens.json").write_text(json.dumps(self.added, indent=2))
+        special = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": self.pad_token}
+        (dst / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+        decoder = {str(i): {"content": s, "special": True} for s, i in self.added.items()}
+        config = dict(special, tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False,
+                      legacy=True, added_tokens_decoder=decoder)
+        (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+        gen = {"bos_token_id": self.bos_id, "eos_token_id": [self.eos_id, self.im_end_id], "pad_token_id": self.pad_id}
+        (dst / "generation_config.json").write_text(json.dumps(gen, indent=2))
+
+    def encode_docs(self, docs: list[list[Segment]], bos: bool = True,
+                    start: bool = True) -> tuple[list[int], list[int], list[int]]:
+        """Encode many segment lists at once: flat ids, flat teacher flags (0/1), per-document lengths.
+
+        ORCA2.md 6.4: replace '▁' in text by a space, prepend one '▁' to the whole text (start=True), markers become
+        their ids, every other piece goes through SentencePiece with the dummy prefix disabled, BOS in front."""
+        pieces = []  # per document: (text or marker id, supervised)
+        for segs in docs:
+            doc = [(self.bos_id, False)] if bos else []
+            if start and segs and segs[0].marker:  # a text that starts with a marker: its '▁' is a piece of its own
+                doc.append(("▁", False))
+            for k, s in enumerate(segs):
+                if s.marker:
+                    doc.append((self.added[s.text], s.supervised))
+                    continue
+                text = ("▁" if start and k == 0 else "") + s.text.replace("▁", " ")
+                if text:
+                    doc.append((text, s.supervised))
+            pieces.append(doc)
+        # One SentencePiece call per batch; repeated pieces (system messages, template text) are encoded once.
+        unique = list(dict.fromkeys(p for doc in pieces for p, _ in doc if isinstance(p, str)))
+        encoded = dict(zip(unique, self.sp_raw.encode(unique, num_threads=1)))
+        ids, sup, lengths = [], [], []
+        for doc in pieces:
+            n0 = len(ids)
+            for p, s in doc:
+                piece_ids = encoded[p] if isinstance(p, str) else [p]
+                ids.extend(piece_ids)
+                sup.extend([int(s)] * len(piece_ids))
+            lengths.append(len(ids) - n0)
+        return ids, sup, lengths
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text to ids, no BOS; marker strings inside the text stay ordinary text."""
+        return self.encode_docs([[Segment(text, False, False)]], bos=False)[0] if text else []
+
+    def encode_prompt(self, system: str, user: str) -> list[int]:
+        """BOS + the model card's prompt (ends after 'assistant'); equals the release tokenizer's ids."""
+        return self.encode_docs([fill(PROMPT, {"system": system, "user": user}, False)])[0]
+
+    def encode_followup(self, user: str) -> list[int]:
+        """A later user turn, to append after the previous answer and its <|im_end|> (no BOS, no leading '▁')."""
+        return self.encode_docs([fill(FOLLOWUP, {"user": user}, False)], bos=False, start=False)[0]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        """Ids to text; added ids become their marker strings (dropped with skip_special), BOS/EOS are dropped."""
+        out, run, at_start = [], [], True
+        for i in [*map(int, ids), None]:  # None flushes the last run of text
+            if i is not None and not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
+            if i is None or i in self.marker_of:
+                if run:  # only text at the very start carries the prepended '▁' that decoding removes
+                    out.append((self.sp if at_start else self.sp_raw).decode(run))
+                    run = []
+                at_start = False
+                out.append("" if i is None or skip_special else self.marker_of[i])
+            elif i < self.sp.vocab_size():
+                run.append(i)
+        return "".join(out)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] in ([], ["-h"], ["--help"]):
+        print(__doc__)
+        raise SystemExit(0)
+    tok = Tokenizer.from_pretrained(Path(__file__).resolve().parent.parent / "shared/data/llama2-tokenizer")
+    prompt = tok.encode_prompt(CAUTIOUS_SYSTEM_MESSAGE, " ".join(sys.argv[1:]))
+    print(f"{len(prompt)} ids: {prompt}\n{tok.decode(prompt)!r}\nstop ids: {tok.stop_ids}")
