@@ -1,134 +1,347 @@
-"""Reading answers out of free-form model outputs, and scoring them (ORCA2.md 7), without torch.
+"""Reading answers out of free-form model outputs and scoring them (ORCA2.md 7), without torch, for evaluate.py
+(benchmarks) and synth.py (a teacher's answers). The rules read what a careful grader reads: the last explicit
+conclusion wins; a hypothetical, a hedge or a list of options is none; text after an invented next turn is ignored.
+DROP is scored exactly as OpenAI simple-evals' drop_metric scores drop_v0_dev: one string against each gold.
 
-    python answers.py "Let me think... 9 * 2 = 18. Answer: 18" --kind=number --gold=18
-
-Shared by evaluate.py (benchmark scores) and synth.py (checking a teacher's answers when choosing strategies).
+    python answers.py "She sells 9 eggs at $2: 9 * 2 = 18. Answer: $18" 18   # prints: rule, answer read, correct
 """
 
-import math
+import functools
 import re
 import string
-from decimal import Decimal, InvalidOperation
+import sys
+from decimal import Decimal
 
 from benchmarks import LETTERS, Item
 
-# ---- answer extraction ----
-# Rules, tried in order; the first that finds an answer wins, None means "format not OK". A cue is "answer" or
-# "correct/best/right/final answer/option/choice", then "is", "would be", "should be" or a colon; "answer" alone
-# (the verb) is not a cue. The LAST cue in the output counts.
+# ---- conclusions: where an output says its answer ----
 
-CUE = (r"\b(?i:(?:final\s+)?answer(?:\s+to\s+(?:the|this)\s+question)?|(?:correct|best|right|final)\s+(?:answer|option|choice))"
-       r"\s*(?i:(?:is|would\s+be|should\s+be)\b|[:=])")
-SEP = r"\s*[:=]?\s*"
-CHOICE_CUE = re.compile(CUE + SEP + r"(?:(?i:option|choice)\s*)?(?:\(([A-R])\)|\b([A-R])(?=[.,:;)\]'\"]|[ \t]*$|\s+[-–(]|\s+because\b))", re.M)
-LEADING_LETTER = re.compile(r"\s*(?:\(([A-R])\)|([A-R])(?:[.):]|\s*$))")
-TEXT_CUE = re.compile(CUE + SEP + r"(.+)")
-NUMBER = r"-?\$?\d(?:[\d,]*\d)?(?:\.\d+)?"
-NUMBER_CUE = re.compile(r"(?:####|" + CUE + r")" + SEP + r"[^\n\d-]{0,40}?(" + NUMBER + ")")
-
-
-def clean(output: str) -> str:
-    return output.replace("**", "").strip()  # markdown bold around answers
+END_OF_TURN = re.compile(r"<\|im_(?:start|end)\|>")  # the model invents a next turn: the rest is not its answer
+# "(final/correct/...) answer" or "correct/best/right/final option/choice", then a verb or a colon; "####" (GSM8K)
+# and "\boxed{" (LaTeX). "answer" alone (the verb) is none. "is not (A), it is (C)" reads what follows "it is".
+CUE = re.compile(r"(?:(?<!wrong )(?<!this )\banswer(?:\s+to\s+(?:the|this)\s+question)?"
+                 r"|\b(?:correct|best|right|final)\s+(?:option|choice))"
+                 r"\s*(?:(?:is|must\s+be|should\s+be|will\s+be|(?P<conditional>would|could|might)\s+be)\b|[:=])"
+                 r"(?:\s*not\b[^.;\n]{0,80}?[,;]\s*(?:it\s+is|but)\b)?|####|\\boxed\{"
+                 r"|^[ \t#]*(?:final\s+)?answer[ \t]*$", re.I | re.M)  # the last: a heading "**Final Answer**"
+HYPOTHETICAL = re.compile(r"\b(?:if|suppose|supposing|assuming|imagine|otherwise|unless|instead)\b", re.I)
+CONDITIONAL = re.compile(r"\b(?:would|could|might)\b|'d\b", re.I)  # with HYPOTHETICAL: another case imagined
+SENTENCE_END = re.compile(r"(?<!\b[A-Z])(?<!\bSt)(?<!\bMr)(?<!\bDr)(?<!\bJr)[.!?](?:\s|$)|\n")  # not "T. J.", "St."
+PHRASE_MAX = 500  # characters: answers are short, and a runaway line must not make reading quadratic
+REFUSAL = re.compile(r"\b(?:cannot|can't|can not|unable to)\s+(?:be\s+)?determined?\b", re.I)
 
 
-def after_last_cue(text: str) -> str | None:
-    """The rest of the line after the last cue (the next line when the cue ends its line)."""
-    hits = [m.group(1).strip() for m in TEXT_CUE.finditer(text) if m.group(1).strip()]
-    return hits[-1] if hits else None
+@functools.lru_cache(maxsize=16)  # the rules ask about the same output many times: split it once
+def hypothetical_sentences(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each sentence that imagines another case ("if ... would", "suppose ... could")."""
+    spans, start = [], 0
+    for end in [m.end() for m in SENTENCE_END.finditer(text)] + [len(text)]:
+        if HYPOTHETICAL.search(text, start, end) and CONDITIONAL.search(text, start, end):
+            spans.append((start, end))
+        start = end
+    return spans
 
 
-def extract_choice(output: str, options: list[str]) -> str | None:
-    """A letter: cue + letter, a leading "(B)"/"B.", the only "(X)" mentioned, or the only option text quoted."""
-    text, letters = clean(output), LETTERS[:len(options)]
-    hits = [a or b for a, b in CHOICE_CUE.findall(text) if (a or b) in letters]
-    if hits:
-        return hits[-1]
-    m = LEADING_LETTER.match(text)
-    if m and (m.group(1) or m.group(2)) in letters:
-        return m.group(1) or m.group(2)
-    quoted = {x for x in re.findall(r"\(([A-R])\)", text) if x in letters}
-    if len(quoted) == 1:
-        return quoted.pop()
-    for span in (after_last_cue(text), text):  # option text after the cue first, then anywhere
-        if span:
-            found = {letters[i] for i, o in enumerate(options) if o.strip() and
-                     re.search(r"(?<!\w)" + re.escape(" ".join(o.split())) + r"(?!\w)", " ".join(span.split()), re.I)}
-            if len(found) == 1:
-                return found.pop()
-    return None
+def hypothetical(text: str, pos: int) -> bool:
+    """Whether pos lies in such a sentence."""
+    return any(start <= pos < end for start, end in hypothetical_sentences(text))
 
 
-def extract_label(output: str, labels: tuple[str, ...]) -> str | None:
-    """One of the labels (case-insensitive): after the last cue, as the first word, or the only one mentioned."""
-    text, words = clean(output), "(?i:(" + "|".join(labels) + r"))\b"
-    spelling = {label.lower(): label for label in labels}
-    hits = re.findall(CUE + SEP + r"[\"'(]*" + words, text)
-    if hits:
-        return spelling[hits[-1].lower()]
-    first = re.match(r"\s*[\"'(]*" + words, text)
-    if first:
-        return spelling[first.group(1).lower()]
-    found = {w.lower() for w in re.findall(r"\b" + words, text)}
-    return spelling[found.pop()] if len(found) == 1 else None
+def conclusions(text: str) -> list[int]:
+    """Where the phrase after each cue starts; a conditional cue ("would be") counts only without a plain one."""
+    cues = [m for m in CUE.finditer(text) if not hypothetical(text, m.start())]
+    plain = [m for m in cues if not m["conditional"]]
+    return [m.end() for m in (plain or cues)]
+
+
+def phrase_at(text: str, pos: int, paragraph: bool = False) -> tuple[str, int]:
+    """(phrase, offset): the rest of the cue's line, else the next non-empty line (or paragraph, for lists)."""
+    ends_line = re.compile(r"[ \t:]*(?:\n|$)").match(text, pos) is not None
+    pos = re.compile(r"[\s:]*" if ends_line else r"[ \t:]*").match(text, pos).end()
+    end = re.compile(r"\n\s*\n" if paragraph and ends_line else r"\n").search(text, pos, pos + PHRASE_MAX)
+    return text[pos:end.start() if end else pos + PHRASE_MAX], pos
+
+
+def last_sentence(text: str) -> tuple[str, int]:
+    """(the output's last non-empty sentence, its offset)."""
+    limit = len(text.rstrip())
+    starts = [0] + [m.end() for m in SENTENCE_END.finditer(text) if m.end() < limit]
+    start = len(text) - len(text[starts[-1]:].lstrip())
+    return text[start:].strip(), start
+
+
+def first_read(text: str, read, otherwise: tuple[str | None, int]) -> tuple[str | None, int]:
+    """What read() finds after the last conclusion naming an answer, else `otherwise` (none after a refusal)."""
+    for pos in reversed(conclusions(text)):
+        found = read(*phrase_at(text, pos))
+        if found:
+            return found
+    return (None, -1) if REFUSAL.search(text) else otherwise
+
+
+# ---- numbers ----
+
+WORD_VALUE = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve "
+                                         "thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split())}
+WORD_VALUE |= {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)}
+WORD = "(?:" + "|".join([*WORD_VALUE, "hundred", "thousand"]) + ")"
+NUMBER = re.compile(  # one number as written: a LaTeX fraction, digits (sign, currency, thousands), or words
+    r"\\[dt]?frac\{(?P<num>-?\d+(?:\.\d+)?)\}\{(?P<den>-?\d+(?:\.\d+)?)\}"
+    r"|(?<![\w.])(?P<digits>-?[$＄€£]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+))(?!\w)"
+    rf"|\b(?P<words>{WORD}(?:[\s-]+(?:and\s+)?{WORD})*)\b", re.I)
+# a clause before the answer: "After selling it for $200,000, he made a profit of $70,000"
+LEAD_CLAUSE = re.compile(r"(?:after|when|if|since|because|by|once|before|while|with)\b(?:[^,\n]|,\d{3})*,\s*", re.I)
+EXPLANATION = re.compile(r"\s\(|\s(?:because|since|as|where)\b|,\s*(?:which|who|where|because|since|as|according)\b"
+                         r"|;|" + SENTENCE_END.pattern, re.I)  # where the explanation after an answer begins
+RESTATED = re.compile(r"\s\(\s*(\S+)(?:\s+[a-z]+)?\s*\)", re.I)  # "(160 minutes)": one number and its unit
+NUMBER_HEDGE = re.compile(r"\d\s*%?(?:\s+[a-z]+)?\s+or\s+[$]?-?\d", re.I)  # "45 or 315", "45 miles or 315 miles"
 
 
 def canon_number(s: str) -> str | None:
     """'$1,234.50' -> '1234.5', '18.00' -> '18'; None when s is not a number."""
-    try:
-        d = Decimal(s.replace("$", "").replace(",", "").strip())
-    except InvalidOperation:
+    s = re.sub(r"[$＄€£,\s]", "", s)
+    if not re.fullmatch(r"-?(?:\d+(?:\.\d+)?|\.\d+)", s):
         return None
-    return str(int(d)) if d == d.to_integral_value() else str(d.normalize())
+    return str(int(Decimal(s))) if Decimal(s) == int(Decimal(s)) else str(Decimal(s).normalize())
 
 
-def extract_number(output: str) -> str | None:
-    """The first number after the last cue ("####" counts), else the last number in the output; canonical."""
-    text = clean(output)
-    hits = NUMBER_CUE.findall(text) or re.findall(NUMBER, text)
-    return canon_number(hits[-1]) if hits else None
+def number_value(m: re.Match) -> str | None:
+    """The canonical value of a NUMBER match ("\\frac{3}{2}" -> "1.5", "twenty-one" -> "21")."""
+    if m["den"]:
+        return canon_number(str(Decimal(m["num"]) / Decimal(m["den"]))) if Decimal(m["den"]) else None
+    if m["digits"]:
+        return canon_number(m["digits"])
+    total, current = 0, 0
+    for w in re.findall(r"[a-z]+", m["words"].lower()):  # "two thousand three hundred and five"
+        if w == "thousand":
+            total, current = total + max(current, 1) * 1000, 0
+        else:
+            current = max(current, 1) * 100 if w == "hundred" else current + WORD_VALUE.get(w, 0)
+    return str(total + current)
 
 
-def extract_tail(output: str) -> str | None:
-    """Free text after the last cue, else the output itself when it is a single line."""
-    text = clean(output)
-    tail = after_last_cue(text)
-    if tail is None:
-        lines = [line for line in text.splitlines() if line.strip()]
-        if len(lines) != 1:
-            return None
-        tail = lines[0]
-    return tail.strip().strip("*\"'`").removesuffix(".").strip() or None
+def numbers_in(text: str, start: int = 0) -> list[re.Match]:
+    """The numbers in text[start:]: in digits, or spelled out only when there are none in digits."""
+    found = list(NUMBER.finditer(text, start))
+    return [m for m in found if not m["words"]] or found
 
 
-def extract_answer(item: Item, output: str) -> str | None:
-    """The answer found in a model output by the item's format rules, or None (format not OK)."""
-    if item.kind == "choice":
-        return extract_choice(output, item.choices)
-    if item.kind == "binary":
-        return extract_label(output, tuple(item.choices))
-    if item.kind == "number":
-        return extract_number(output)
-    tail = extract_tail(output)  # drop, dyck, words
-    if tail is None:
-        return None
-    if item.kind == "dyck":  # the bracket characters only, space-separated like the gold
-        return " ".join(re.findall(r"[()\[\]{}<>]", tail)) or None
-    if item.kind == "words":
-        return " ".join(w for w in (w.strip(".;:\"`*()[]") for w in re.split(r"[\s,]+", tail.lower())) if w) or None
-    # DROP: currency signs and thousands separators off numbers (the official metric would read "1,000.5" as 10005)
-    return re.sub(r"(?<=\d),(?=\d{3}\b)", "", re.sub(r"[$€£](?=\d)", "", tail))
+def result_span(s: str) -> tuple[int, int]:
+    """Where a calculation's result is in s: after its last "=" ("9 * 2 = 18"), before it in "18 = 9 * 2"."""
+    first, last = s.find("="), s.rfind("=")
+    if first < 0:
+        return 0, len(s)
+    answer_first = len(numbers_in(s[:first])) == 1 and len(numbers_in(s[last + 1:])) > 1
+    return (0, first) if answer_first else (last + 1, len(s))
+
+
+def read_number(phrase: str, at: int) -> tuple[str | None, int] | None:
+    """A calculation's result, else the first number after an "After ...," clause and before the explanation."""
+    cut = EXPLANATION.search(phrase)
+    main = phrase[:cut.start()] if cut else phrase
+    if NUMBER_HEDGE.search(main):
+        return None, -1
+    lead = LEAD_CLAUSE.match(main)
+    start, end = result_span(main)
+    found = numbers_in(main[:end], max(lead.end() if lead else 0, start))
+    restated = RESTATED.match(phrase, cut.start()) if cut and len(found) > 1 else None  # "2 h and 40 min (160 min)"
+    if restated and NUMBER.fullmatch(restated[1]):
+        return number_value(NUMBER.fullmatch(restated[1])), at + restated.start(1)
+    return (number_value(found[0]), at + found[0].start()) if found else None
+
+
+# ---- options (letters) and labels (yes/no) ----
+
+LABEL = re.compile(r"(?:either\s+)?(?:(?:option|choice)\s+)?(?:\((?P<paren>[A-R])\)"
+                   r"|(?P<bare>[A-R])(?=\s*(?:[).:,;}\]\"'$]|$)))", re.I)  # "(B)", "(b)", "B)", "B.", "option B"
+LETTER_HEDGE = re.compile(r"\s*(?:,|/|or\b|and\b)\s*(?:[Oo]ption\s+)?(?:\([A-Ra-r]\)|[A-R]\b)")  # "(C) or (A)"
+LETTER_VERDICT = re.compile(  # "Option C is correct", "(C) ... is the best", "which is option A", "we pick (B)"
+    r"(?:\b(?i:option|choice)\s+\(?(?P<word>[A-R])\b\)?|\((?P<paren>[A-Ra-r])\)|\b(?P<bare>[A-R])(?=\s+is\b))"
+    r"(?:(?!\b(?i:option|choice)\b)[^.\n();]){0,80}?"  # its text, but no other option ("(A) and (B) ...")
+    r"\bis\s+(?:the\s+)?(?i:correct|right|best)\b"
+    r"|\b(?i:(?:is|be)\s+(?:option|choice)|pick|choose|select|go\s+with)\s+(?i:option\s+)?\(?(?P<is>[A-R])\b")
+LISTED = re.compile(r"\(([A-R])\)|^\s*([A-R])[.)](?:\s|$)|\b[Oo]ption\s+([A-R])\b", re.M)  # "(B)", "B. ..."
+
+
+def plain(s: str) -> str:
+    """Its words only, lowercased and padded: option texts compare so ("$5 m+4 p$" ~ "$5m+4p$")."""
+    return " " + " ".join(re.findall(r"\w+", s.lower())) + " "
+
+
+def read_letter(phrase: str, at: int, letters: str, options: list[str]) -> tuple[str | None, int] | None:
+    """A letter label ("(B)", "B.", "option B"), else the option the phrase is (spaces aside) or only contains."""
+    label = LABEL.match(phrase)
+    if label and (label["paren"] or label["bare"]).upper() in letters:
+        group = "paren" if label["paren"] else "bare"
+        hedge = LETTER_HEDGE.match(phrase, label.end())
+        return (None, -1) if hedge else (label[group].upper(), at + label.start(group))
+    texts = {x: plain(o) for x, o in zip(letters, options) if plain(o).strip()}
+    said = plain(phrase).replace(" ", "")
+    same = [x for x, o in texts.items() if said in (o.replace(" ", ""), x.lower() + o.replace(" ", ""))]
+    inside = [x for x, o in texts.items() if o in plain(phrase)]
+    named = same[0] if len(same) == 1 else inside[0] if len(inside) == 1 else None
+    return (named, at) if named else None
+
+
+def extract_choice(text: str, letters: str, options: list[str]) -> tuple[str | None, int]:
+    """The option named by the last conclusion, else the only letter mentioned, else in the last sentence."""
+    hits = [(pos, read_letter(*phrase_at(text, pos), letters, options)) for pos in conclusions(text)]
+    for m in LETTER_VERDICT.finditer(text):  # each alternative has one group: the last matched is the letter
+        if m[m.lastindex].upper() in letters and not hypothetical(text, m.start()):
+            hits.append((m.start(), (m[m.lastindex].upper(), m.start(m.lastindex))))
+    hits = [(pos, found) for pos, found in hits if found]
+    if hits:
+        return max(hits, key=lambda h: h[0])[1]
+    listed = {}
+    for m in LISTED.finditer(text):
+        listed.setdefault(m[m.lastindex], m.start(m.lastindex))
+    if listed:
+        return next(iter(listed.items())) if len(listed) == 1 and set(listed) <= set(letters) else (None, -1)
+    found = None if REFUSAL.search(text) else read_letter(*last_sentence(text), letters, options)
+    return found or (None, -1)
+
+
+# A word meaning yes (index 0 of the labels: True/Yes/valid/yes) or no; "not" right before it flips the meaning.
+MEANING = re.compile(r"(?P<neg>(?:\bnot|n't|\bnever)\s+)?\b(?:(?P<yes>yes|true|plausible|valid|honest|truthful"
+                     r"|tell(?:s|ing)?\s+the\s+truth|(?:return(?:s|ed)?\s+to|(?:back|end\s+up)\s+at)\s+the\s+start\w*)"
+                     r"|(?P<no>no|false|implausible|invalid|dishonest|lies|lying|liar))\b", re.I)
+LABEL_AFTER = re.compile(r"\s*(?:[.,;:!)\"'\]]|$|or\b)")  # "yes"/"no" stand alone as labels: "so no, we"
+
+
+def meanings(text: str, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
+    """(offset, 0 for yes / 1 for no) of every word meaning yes or no in text[start:end]."""
+    out = []
+    for m in MEANING.finditer(text, start, len(text) if end is None else end):
+        word = (m["yes"] or m["no"]).lower()
+        at = m.start("yes" if m["yes"] else "no")
+        if word in ("yes", "no") and not LABEL_AFTER.match(text, m.end()):
+            continue
+        flip = bool(m["neg"]) and word not in ("yes", "no", "true", "false")
+        out.append((at if not flip else m.start(), int(bool(m["no"])) ^ flip))
+    return out
+
+
+def extract_label(text: str, labels: list[str]) -> tuple[str | None, int]:
+    """A label by meaning: after the last conclusion its first word or one meaning, else the last meaning."""
+    def read(phrase: str, at: int) -> tuple[str | None, int] | None:
+        found = meanings(text, at, at + len(phrase))
+        first = bool(found) and not re.search(r"\w", text[at:found[0][0]])
+        if first and re.match(r"\w+\s+or\b", text[found[0][0]:]):
+            return None, -1
+        if first or len({v for _, v in found}) == 1:
+            return labels[found[0][1]], found[0][0]
+        return (None, -1) if found else None
+    found = [(pos, v) for pos, v in meanings(text) if not hypothetical(text, pos)]
+    return first_read(text, read, (labels[found[-1][1]], found[-1][0]) if found else (None, -1))
+
+
+# ---- free-form answers: DROP, bracket and word sequences ----
+# A DROP answer drops asides "(...)" and explanations (", who ...", " because ..."); a calculation gives its result;
+# a lone number loses its unit ("46 yards", "In 1085") or its sentence ("The longest was 53 yards"), but stays in
+# a phrase ("under the age of 18", "Super Bowl 50"); dates read "30 September 1686"; spans are joined with " and ".
+
+MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"
+US_DATE = re.compile(rf"\b({MONTHS})\s+(\d{{1,2}})(?:st|nd|rd|th)?\b(?:,?\s+(\d{{3,4}})\b)?")  # "September 30, 1686"
+PARENTHESIS = re.compile(r"\s*\([^()]*\)")  # "France (29%) and Italy (20%)": asides inside the answer
+SCORE = re.compile(r"(?<![\w.])\d+[-–]\d+(?!\w)")  # "7-7" is one answer (drop_v0_dev writes scores so)
+TEXT_HEDGE = re.compile(r"\d\S*\s+or\s+[^,;]*?\d")  # numbers or dates: "April 1, 1991 or April 25, 1991"
+BEFORE_NUMBER = re.compile(r"(?:(?:in|about|around|approximately|roughly|nearly|almost|only|exactly)\s+)?", re.I)
+UNIT = re.compile(r"(?:%|-|\s+)?(?:(?!and\b|or\b|of\b|to\b|than\b)[a-z]+\s*){0,2}")  # "46 yards", "5 field goals"
+COPULA = re.compile(r"\b(?:is|was|were|are)\b")  # a sentence, "The score was tied 7-7": read its number
+SPAN_COMMA = re.compile(r"\s*,(?!\d{3}\b)\s*(?:and\s+)?")  # "Jones, Washington" -> "Jones and Washington"
+
+
+def read_text(phrase: str, at: int) -> tuple[str | None, int] | None:
+    """The answer phrase as drop_v0_dev writes answers (see the section comment)."""
+    lead = len(phrase) - len(phrase.lstrip(" \"'*"))
+    head = PARENTHESIS.sub("", phrase[lead:])
+    cut = EXPLANATION.search(head)
+    head = (head[:cut.start()] if cut else head).rstrip(" \"'*.,:}$")
+    if TEXT_HEDGE.search(head):
+        return None, -1
+    start, end = result_span(head)
+    head = head[start:end].strip()
+    head = US_DATE.sub(lambda m: f"{m[2]} {m[1]}" + (f" {m[3]}" if m[3] else ""), head)
+    scores = list(SCORE.finditer(head))
+    found = scores or numbers_in(head)
+    if len(found) == 1:
+        first = BEFORE_NUMBER.fullmatch(head[:found[0].start()]) and UNIT.fullmatch(head[found[0].end():])
+        sentence = COPULA.search(head) and not re.search(r"\S\s+[A-Z]", head)  # no name in it
+        if first or sentence:
+            return (found[0][0] if scores else number_value(found[0])), at + lead
+    return (SPAN_COMMA.sub(" and ", head), at + lead) if head else None
+
+
+BRACKETS = re.compile(r"[()\[\]{}<>]")
+SEQUENCE_START = re.compile(r":|\b(?:is|are)\b")  # without a cue: "Sorted: ...", "The rest of the sequence is ) >"
+
+
+def extract_sequence(text: str, kind: str, task: str) -> tuple[str | None, int]:
+    """Brackets or words, space-separated, after the last conclusion, else the last ":"/"is", else the last sentence."""
+    starts = conclusions(text) or [m.end() for m in SEQUENCE_START.finditer(text)] or [last_sentence(text)[1]]
+    block, at = phrase_at(text, starts[-1], paragraph=True)
+    if kind == "words":
+        words = [w.strip(".;:\"'*()[]") for w in re.split(r"[\s,]+", block.lower())]
+        words = [w for w in words if w and not w.isdigit()]  # "1. built" -> "built"
+        return (" ".join(words), at) if words else (None, -1)
+    brackets = BRACKETS.findall(block)
+    given = BRACKETS.findall(task.rsplit("Input:", 1)[-1]) if "Input:" in task else []
+    if given and brackets[:len(given)] == given and len(brackets) > len(given):
+        brackets = brackets[len(given):]
+    elif set(brackets) - set(")]}>"):  # the whole sequence, input unknown: its closing tail
+        brackets = list(re.search(r"[)\]}>]*$", "".join(brackets))[0])
+    return (" ".join(brackets), at) if brackets else (None, -1)
+
+
+# ---- the API: benchmark items, and synth.py's golds ----
 
 
 def extract(item: Item, output: str) -> tuple[str | None, int]:
-    """(answer, character offset in output where it was read; -1 when there is no answer)."""
+    """(the answer a grader reads in the output by the item's kind, its offset in output; -1 when None)."""
+    end = END_OF_TURN.search(output)
+    text = output[:end.start()] if end else output
+    # markdown bold and code marks blanked, the Unicode minus made "-": same length, so offsets stay true
+    text = text.replace("**", "  ").replace("`", " ").replace("\u2212", "-")
+    if item.kind == "choice":
+        return extract_choice(text, LETTERS[:len(item.choices)], item.choices)
+    if item.kind == "binary":
+        return extract_label(text, list(item.choices))
+    if item.kind == "number":  # without a conclusion: the last number in digits outside hypothetical sentences
+        digits = [m for m in NUMBER.finditer(text) if m["digits"] and not hypothetical(text, m.start())]
+        return first_read(text, read_number, (number_value(digits[-1]), digits[-1].start()) if digits else (None, -1))
+    if item.kind in ("dyck", "words"):
+        return extract_sequence(text, item.kind, item.text)
+    return first_read(text, read_text, read_text(*last_sentence(text)) or (None, -1))  # else the last sentence
+
+
+def extract_answer(item: Item, output: str) -> str | None:
+    """The answer a grader reads in a model output, or None (format not OK)."""
+    return extract(item, output)[0]
+
+
+def answer_rule(gold: str) -> str:
+    """How an answer is checked against this gold: "number", "letter" (A-R, also "(B)") or "text"."""
+    if canon_number(gold) is not None:
+        return "number"
+    return "letter" if re.fullmatch(r"\s*(?:\([A-R]\)|[A-R])\s*", gold) else "text"
+
+
+def check_answer(output: str, gold: str, rule: str) -> tuple[str | None, bool]:
+    """(the answer read as benchmark items of that kind are read, whether it equals the gold)."""
+    kind = {"number": "number", "letter": "choice", "text": "drop"}[rule]  # text: DROP's normalised equality
+    golds = [gold] if kind == "drop" else gold.strip(" ()")
+    item = Item("check", "", "", "", "", golds, kind, [""] * len(LETTERS) if kind == "choice" else [])
     answer = extract_answer(item, output)
-    return answer, (output.rfind(answer) if answer is not None else -1)
+    return answer, score_answer(item, answer)["correct"]
 
 
-# ---- metrics: DROP (official normalisation and span alignment) ----
+# ---- scoring; DROP as simple-evals' drop_metric (one string against each gold string) ----
+
+ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
+    """Whether float() reads text, the official test for a number token."""
     try:
         float(text)
         return True
@@ -137,90 +350,35 @@ def _is_number(text: str) -> bool:
 
 
 def drop_normalize(text: str) -> str:
-    """The official DROP normalisation, token by token: lower, punctuation (not in numbers), numbers, articles."""
+    """The official normalisation, token by token: lower, punctuation (not in numbers), numbers, articles."""
     out = []
-    for tok in re.split(" |-", text):  # the official tokeniser splits on spaces and hyphens
+    for tok in re.split(" |-", text):  # the official tokeniser splits on spaces and hyphens only
         tok = tok.lower()
-        tok = tok if _is_number(tok) else "".join(c for c in tok if c not in set(string.punctuation))
-        tok = str(float(tok)) if _is_number(tok) else tok
-        tok = " ".join(re.sub(r"\b(a|an|the)\b", " ", tok).split())
-        if tok.strip():
+        tok = tok if is_number(tok) else "".join(c for c in tok if c not in string.punctuation)
+        tok = str(float(tok)) if is_number(tok) else tok
+        tok = " ".join(ARTICLES.sub(" ", tok).split())
+        if tok:
             out.append(tok)
-    return " ".join(out).strip()
-
-
-def drop_spans(answer: str) -> list[str]:
-    """Split an answer into spans on ", " / ", and " / " and ": the full dev file joins multi-span golds with " and "."""
-    spans = [s for s in re.split(r"\s*,\s+(?:and\s+)?|\s+and\s+", answer.strip()) if s.strip()]
-    return spans or [answer]
-
-
-def _bag_f1(pred: set[str], gold: set[str]) -> float:
-    common = len(pred & gold)
-    p = common / len(pred) if pred else 1.0
-    r = common / len(gold) if gold else 1.0
-    return 0.0 if p == 0.0 and r == 0.0 else 2 * p * r / (p + r)
-
-
-def _numbers_match(gold: set[str], pred: set[str]) -> bool:
-    """Official rule: a gold span with numbers scores only against a predicted span sharing one of them."""
-    gold_nums = {w for w in gold if _is_number(w)}
-    return not gold_nums or bool(gold_nums & {w for w in pred if _is_number(w)})
-
-
-def best_assignment(scores: list[list[float]]) -> float:
-    """Largest total of a one-to-one matching of rows to columns (Kuhn-Munkres with potentials, exact, O(n^2 m))."""
-    if not scores or not scores[0]:
-        return 0.0
-    if len(scores) > len(scores[0]):
-        scores = [list(col) for col in zip(*scores)]
-    n, m = len(scores), len(scores[0])
-    cost = [[-s for s in row] for row in scores]  # maximise the score = minimise its negative
-    u, v, match, way = [0.0] * (n + 1), [0.0] * (m + 1), [0] * (m + 1), [0] * (m + 1)  # 1-based; match[col] = row
-    for i in range(1, n + 1):  # add row i, then grow an alternating path to a free column
-        match[0], j0 = i, 0
-        minv, used = [math.inf] * (m + 1), [False] * (m + 1)
-        while match[j0]:
-            used[j0], i0, delta, j1 = True, match[j0], math.inf, 0
-            for j in range(1, m + 1):
-                if not used[j]:
-                    cur = cost[i0 - 1][j - 1] - u[i0] - v[j]
-                    if cur < minv[j]:
-                        minv[j], way[j] = cur, j0
-                    if minv[j] < delta:
-                        delta, j1 = minv[j], j
-            for j in range(m + 1):
-                if used[j]:
-                    u[match[j]] += delta
-                    v[j] -= delta
-                else:
-                    minv[j] -= delta
-            j0 = j1
-        while j0:  # flip the path
-            j1 = way[j0]
-            match[j0], j0 = match[j1], j1
-    return sum(scores[match[j] - 1][j - 1] for j in range(1, m + 1) if match[j])
-
-
-def drop_em_f1(pred_spans: list[str], gold_spans: list[str]) -> tuple[float, float]:
-    """Official get_metrics: EM on the set of normalised spans; F1 = optimal span alignment / max(#spans), rounded."""
-    pred = [drop_normalize(s) for s in pred_spans]
-    gold = [drop_normalize(s) for s in gold_spans]
-    em = float(set(pred) == set(gold) and len(pred) == len(gold))
-    pb, gb = [set(s.split()) for s in pred], [set(s.split()) for s in gold]
-    scores = [[_bag_f1(p, g) if _numbers_match(g, p) else 0.0 for p in pb] for g in gb]
-    return em, round(best_assignment(scores) / max(len(pb), len(gb)), 2)
+    return " ".join(out)
 
 
 def drop_metrics(prediction: str | None, golds: list[str]) -> tuple[float, float]:
-    """(EM, F1) of a predicted answer string: the best over the gold alternatives, as the official scorer."""
+    """(EM, F1 in 0..1) of one predicted string: the best over the non-blank golds, F1 rounded as the official."""
     if prediction is None:
         return 0.0, 0.0
-    pairs = [drop_em_f1(drop_spans(prediction), drop_spans(g)) for g in golds]
-    return max(p[0] for p in pairs), max(p[1] for p in pairs)
-
-
-# ---- scoring and summary ----
+    em, f1 = 0.0, 0.0
+    pred = set(drop_normalize(prediction).split())
+    for gold in [g for g in golds if g.strip()]:  # blank golds are skipped, as the official does
+        em = max(em, float(drop_normalize(prediction) == drop_normalize(gold)))
+        bag = set(drop_normalize(gold).split())
+        numbers = {w for w in bag if is_number(w)}  # a gold with numbers scores only if one of them is predicted
+        if numbers and not numbers & pred:
+            continue
+        p = len(pred & bag) / len(pred) if pred else 1.0
+        r = len(pred & bag) / len(bag) if bag else 1.0
+        score = 0.0 if p == r == 0.0 else 2 * p * r / (p + r)
+        f1 = max(f1, round(100 * score, 2) / 100)  # rounded on the official 0-100 scale
+    return em, f1
 
 
 def score_answer(item: Item, extracted: str | None) -> dict:
@@ -228,10 +386,13 @@ def score_answer(item: Item, extracted: str | None) -> dict:
     if item.kind == "drop":
         em, f1 = drop_metrics(extracted, item.gold)
         return {"correct": em == 1.0, "em": em, "f1": f1}
-    if extracted is None:
-        return {"correct": False}
-    if item.kind == "number":
-        return {"correct": extracted == canon_number(item.gold)}
-    gold = " ".join(item.gold.lower().split()) if item.kind == "words" else item.gold
-    return {"correct": extracted == gold}
+    golds = {"number": canon_number(item.gold), "dyck": " ".join(BRACKETS.findall(item.gold)),
+             "words": " ".join(item.gold.lower().split())}  # as the extraction writes them
+    return {"correct": extracted is not None and extracted == golds.get(item.kind, item.gold)}
 
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        raise SystemExit(__doc__)
+    rule = answer_rule(sys.argv[2])
+    print(rule, *check_answer(sys.argv[1], sys.argv[2], rule))

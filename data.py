@@ -36,7 +36,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from tqdm import tqdm
 
 import tokenizer
@@ -614,8 +613,9 @@ def build_stage(sources: list[Source], tok: Tokenizer, cfg: DataConfig, log: Cal
 
 def get_batch(packed: PackedDataset, pack_indices: list[int], seq_len: int, pad_id: int) -> dict:
     """(B, T) long tensors input_ids, labels (already shifted, see the module docstring), position_ids; plus
-    num_tokens and num_supervised (ints). The padding tail is one extra document (positions 0, 1, ...), so it
-    never attends to real tokens, and its labels are -100."""
+    num_tokens and num_supervised (ints). Every padding token is a document of its own (position 0): it attends to
+    itself only, costs no attention, never lengthens a document past the model's context, and its label is -100."""
+    import torch  # here only: the rest of data.py (readers used by synth.py, decontaminate.py) needs no torch
     B, T = len(pack_indices), seq_len
     input_ids = np.full((B, T), pad_id, np.int64)
     labels = np.full((B, T), -100, np.int64)
@@ -631,8 +631,7 @@ def get_batch(packed: PackedDataset, pack_indices: list[int], seq_len: int, pad_
             labels[b, t:t + n - 1] = np.where(sup[1:] != 0, ids[1:].astype(np.int64), -100)
             position_ids[b, t:t + n] = arange[:n]
             t += n
-        position_ids[b, t:] = arange[:T - t]
-        num_tokens += t
+        num_tokens += t  # the padding tail keeps position 0 everywhere
     return dict(input_ids=torch.from_numpy(input_ids), labels=torch.from_numpy(labels),
                 position_ids=torch.from_numpy(position_ids), num_tokens=num_tokens,
                 num_supervised=int((labels != -100).sum()))

@@ -1,5 +1,5 @@
-"""repro.py without the training run: the task generator, the teacher, the splits, the answer extractor, the
-prompt erasing of the arms' data, the config parser and the stories260K converter."""
+"""tasks.py and repro.py without the long training run: the task generator, the teacher's accuracy per strategy,
+the splits, the arms' data (synth.py through the served teacher; prompt erasing) and the stories260K base."""
 
 import json
 import re
@@ -10,16 +10,20 @@ import torch
 import data
 import orca2
 import repro
+import tasks
 from conftest import SHARED_DATA
+from tokenizer import Tokenizer
+
+TOK512 = SHARED_DATA / "tiny-llama" / "tok512.model"
 
 
 @pytest.fixture(scope="module")
 def splits():
-    return repro.make_splits(repro.ReproConfig(n_train=3000, n_test=100))
+    return tasks.make_splits(data_seed=1234, n_train=3000, n_test=100)
 
 
 def solve(question: str) -> str:
-    """An independent solver that reads only the question text (not the generator's bookkeeping)."""
+    """An independent solver that reads only the question text (not tasks.solve)."""
     if question.startswith("What is"):
         a, op, b = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", question).groups()
         return str(int(a) + int(b) if op == "+" else int(a) - int(b))
@@ -39,19 +43,31 @@ def solve(question: str) -> str:
     return second
 
 
-def test_teacher_explanations_reach_the_right_answer(splits):
-    for name, problems in splits.items():
-        for p in problems:
-            assert p.answer == solve(p.question), (name, p.question, p.answer)
-            for mode in ("direct", "explain"):
-                response = repro.teacher(p, mode)[1]
-                assert repro.extract(response) == p.answer, (mode, response)
+def answer(text: str) -> str:
+    return text.rsplit("Answer: ", 1)[1]
 
 
-def test_explanation_steps_are_valid(splits):
-    """Every arithmetic line is true and starts from the previous result; every chain link is a stated fact."""
+def test_the_fitting_strategy_is_always_right_and_the_others_are_not(splits):
+    wrong = {(kind, s): 0 for kind in tasks.FITS for s in ("direct", "step-by-step", "recall-then-generate")}
+    for p in splits["train"]:
+        assert p.answer == solve(p.question), p.question
+        for s in ("direct", "step-by-step", "recall-then-generate"):
+            wrong[p.kind, s] += answer(tasks.teacher(p.question, s)) != p.answer
+    n = {kind: sum(p.kind == kind for p in splits["train"]) for kind in tasks.FITS}
+    for kind, fit in tasks.FITS.items():
+        assert wrong[kind, fit] == 0
+    assert wrong["easy", "direct"] == wrong["easy", "step-by-step"] == wrong["easy", "recall-then-generate"] == 0
+    assert 0.35 < wrong["arith", "direct"] / n["arith"] < 0.65   # a guess at a multi-step sum
+    assert 0.2 < wrong["arith", "recall-then-generate"] / n["arith"] < 0.4
+    assert 0.1 < wrong["compare", "step-by-step"] / n["compare"] < 0.3
+    assert tasks.teacher(splits["train"][0].question, "direct") == tasks.teacher(splits["train"][0].question, "direct")
+
+
+def test_explanations_under_the_fitting_strategies_are_valid(splits):
+    """Every running-total line is true and continues the previous one; every recalled line is a stated fact."""
     for p in splits["train"] + splits["arith-hard"] + splits["compare-hard"]:
-        text = repro.teacher(p, "explain")[1]
+        text = tasks.teacher(p.question, tasks.FITS[p.kind])
+        assert text.startswith(tasks.OPENINGS[p.kind])
         if p.kind == "arith":
             lines = re.findall(r"^(\d+) ([+-]) (\d+) = (\d+)$", text, re.M)
             assert len(lines) == p.size
@@ -62,91 +78,58 @@ def test_explanation_steps_are_valid(splits):
         elif p.kind == "compare":
             first, second = re.search(r"box (\d) or box (\d)\?", p.question).groups()
             lines, box = re.findall(r"^(Box .*)$", text, re.M), first
-            for line in lines:  # each recalled line is a stated fact about the box reached so far, or its end
+            for line in lines:
                 assert line.startswith(f"Box {box} ")
                 assert line in p.question or line == f"Box {box} is last." and f"Box {box} is" not in p.question
                 box = line.split()[-1].rstrip(".")
             assert box == second or lines[-1].endswith("is last."), text
 
 
-def test_strategies_differ_by_task_type(splits):
-    by_kind = {p.kind: p for p in splits["train"]}
-    assert set(by_kind) == {"arith", "compare", "easy"}
-    systems = {kind: repro.teacher(p, "explain")[0] for kind, p in by_kind.items()}
-    assert len(set(systems.values())) == 3  # one detailed instruction per strategy
-    assert repro.teacher(by_kind["easy"], "explain")[1].startswith("Answer:")  # easy items: answered directly
-    assert repro.teacher(by_kind["arith"], "explain")[1].startswith("Running total:")
-    assert repro.teacher(by_kind["compare"], "explain")[1].startswith("Recall the facts:")
-    assert all(repro.teacher(p, "direct")[1] == f"Answer: {p.answer}" for p in by_kind.values())
-
-
-def test_held_out_splits_are_disjoint_and_harder(splits):
+def test_held_out_splits_are_disjoint_harder_and_fixed_by_the_seed(splits):
     train = {p.question for p in splits["train"]}
-    assert len(train) == len(splits["train"])  # no duplicates (data.py would drop them silently otherwise)
+    assert len(train) == len(splits["train"]) and tasks.EXAMPLE_PROMPT not in train
     for name in ("arith-test", "compare-test", "arith-hard", "compare-hard"):
         assert not train & {p.question for p in splits[name]}, name
     for kind in ("arith", "compare"):
         seen = max(p.size for p in splits["train"] if p.kind == kind)
         assert min(p.size for p in splits[f"{kind}-hard"]) > seen
-        assert {p.size for p in splits[f"{kind}-test"]} <= set(repro.TRAIN_SIZES[kind])
     assert {p.question for p in splits["easy-seen"]} <= train
+    a, b, c = (tasks.make_splits(seed, 50, 10)["train"] for seed in (1234, 1234, 7))
+    assert [p.question for p in a] == [p.question for p in b] != [p.question for p in c]
 
 
-def test_splits_are_fixed_by_the_data_seed():
-    a = repro.make_splits(repro.ReproConfig(n_train=50, n_test=10))
-    b = repro.make_splits(repro.ReproConfig(n_train=50, n_test=10))
-    c = repro.make_splits(repro.ReproConfig(n_train=50, n_test=10, data_seed=7))
-    assert [p.question for p in a["train"]] == [p.question for p in b["train"]] != [p.question for p in c["train"]]
-
-
-@pytest.mark.parametrize("output, expected", [
-    ("Running total:\n2 + 3 = 5\n5 - 2 = 3\nAnswer: 3", "3"),
-    ("Answer: 7", "7"),
-    ("Running total:\n2 + 3 = 5\n5 - 2 = 3", "3"),  # no cue: evaluate.py's last-number rule
-    ("Running total:", None),
-    ("Answer: 0", "0"),
-    ("Recall the facts:\nBox 4 is older than box 7.\nBox 7 is last.\nAnswer: 2", "2"),
-    ("Answer: box 5.", "5"),
-    ("Recall the facts:\nBox 4 is older than box 7.", "7"),  # no cue: the last number (a wrong guess, as it should be)
-    ("", None),
-])
-def test_extract(output, expected):
-    assert repro.extract(output) == expected
-
-
-def test_arm_data_erases_only_where_asked(tmp_path, splits):
-    """Rendered by data.py as train.py would: the erased arm trains on the generic message, the kept arm on the
-    teacher's instruction, and both on the same question and explanation."""
-    tok = data.Tokenizer.from_pretrained(repro.TOK512)
-    problems = [next(p for p in splits["train"] if p.kind == "compare")]
-    path = tmp_path / "explain.jsonl"
-    repro.write_jsonl(problems, "explain", path)
+def test_repro_makes_its_data_with_synth_and_erases_only_where_asked(tmp_path, splits):
+    """The served teacher through synth.py selects the fitting strategy per task type; data.py then trains the kept
+    arm on the teacher's instruction and the erased arm on the generic message, on the same responses."""
+    problems = [p for p in splits["train"] if p.kind != "easy"][:120] + [p for p in splits["train"] if p.kind == "easy"]
+    cfg = repro.ReproConfig(select_n=20, out_dir=str(tmp_path))
+    files, selected = repro.make_data(cfg, problems, tmp_path)
+    assert {k: v["strategy"] for k, v in selected.items()} == tasks.FITS
+    rows = [json.loads(line) for line in files["erased"].read_text().splitlines()]
+    assert [r["question"] for r in rows] == [p.question for p in problems]  # every problem once, in order
+    assert all(r["correct"] for r in rows)
+    tok = Tokenizer.from_pretrained(TOK512)
+    compare = next(k for k, r in enumerate(rows) if r["task"] == "compare")
     texts = {}
     for arm in ("kept", "erased"):
-        source = orca2.Source(arm, str(path), erase=repro.ARMS[arm][1])
-        packed, _ = data.build_stage([source], tok, data.DataConfig(max_len=1024, cache_dir=str(tmp_path / arm),
-                                                                    num_workers=1))
-        texts[arm] = tok.decode(data.get_batch(packed, [0], 1024, tok.pad_id)["input_ids"][0].tolist(),
-                                skip_special=True)
-    response = repro.teacher(problems[0], "explain")[1]
-    assert repro.INSTRUCTIONS["compare"] in texts["kept"] and orca2.ERASED_SYSTEM_MESSAGE not in texts["kept"]
-    assert orca2.ERASED_SYSTEM_MESSAGE in texts["erased"] and repro.INSTRUCTIONS["compare"] not in texts["erased"]
-    assert all(problems[0].question in t and response in t for t in texts.values())
+        d = data.tokenize_source(orca2.Source(arm, str(files[arm]), erase=repro.ARMS[arm]), tok,
+                                 data.DataConfig(max_len=1024, cache_dir=str(tmp_path / "cache"), num_workers=1),
+                                 log=None)
+        texts[arm] = tok.decode(d.ids[d.offsets[compare]:d.offsets[compare + 1]].tolist(), skip_special=True)
+    instruction = orca2.STRATEGIES["recall-then-generate"]
+    assert instruction in texts["kept"] and orca2.ERASED_SYSTEM_MESSAGE not in texts["kept"]
+    assert orca2.ERASED_SYSTEM_MESSAGE in texts["erased"] and instruction not in texts["erased"]
+    assert all(rows[compare]["response"] in t for t in texts.values())
+    direct = [json.loads(line) for line in files["direct"].read_text().splitlines()]
+    assert [r["response"] for r in direct] == [f"Answer: {p.answer}" for p in problems]
 
 
-def test_config_parsing():
-    cfg = repro.parse_config(["--seeds=3,4", "--epochs=1", "--lr=0.01", "--oracle=false"])
-    assert (cfg.seeds, cfg.epochs, cfg.lr, cfg.oracle) == ("3,4", 1, 0.01, False)
-    assert repro.parse_config(["--quick=true", "--n_test=7"]).n_test == 7  # quick keeps explicit sizes
-    for bad in (["--nope=1"], ["--epochs=two"], ["--oracle=maybe"], ["--arms=direct,cot"], ["--base=llama"], ["epochs=1"]):
-        with pytest.raises(SystemExit):
-            repro.parse_config(bad)
-
-
-def test_stories260k_conversion_matches_llama2c():
-    """The converted base reproduces llama2.c's greedy decode (independent float64 reference), token for token."""
+def test_stories260k_loads_as_llama2c_decodes_it():
+    """The llama2.c checkpoint loads straight into the model and reproduces llama2.c's greedy decode (an independent
+    float64 reference), token for token."""
+    from model import Transformer
     golden = json.loads((SHARED_DATA / "tiny-llama" / "stories260K_expected.json").read_text())
-    model = repro.load_llama2c(repro.STORIES260K).eval()
+    model = Transformer.from_pretrained(SHARED_DATA / "tiny-llama" / "stories260K.bin").eval()
     with torch.inference_mode():
         out = model.generate([[1]], 24, stop_ids=(), pad_id=0)[0]
         logits = model(torch.tensor([golden["logits_prefix_token_ids"]]))[0].double()

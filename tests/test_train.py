@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import cli
 from conftest import ROOT, SHARED_DATA
 from model import ModelArgs, Transformer
 
@@ -38,7 +39,7 @@ def setup(tmp_path_factory):
 
 
 def args_for(setup, out, **over):
-    opts = dict(model=setup / "base", tokenizer=TOK512, data=setup / "data.jsonl", seq_len=256, global_batch=4,
+    opts = dict(model=setup / "base", tokenizer=TOK512, data=setup / "data.jsonl", max_len=256, global_batch=4,
                 micro_batch=1, epochs=2, max_steps=6, lr=3e-3, export_dtype="float32", num_workers=1,
                 cache_dir=setup / "cache", out_dir=out, prompt="the cat", max_new_tokens=4)
     opts.update(over)
@@ -49,7 +50,7 @@ def run(argv, nproc=0, extra_env=None, nnodes=0):
     """Run train.py in-process (nproc=0) or under torchrun with nproc processes on gloo."""
     if nproc == 0:
         import train
-        train.main(argv)
+        train.main(cli.parse(train.TrainConfig, argv))
         return
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", **(extra_env or {}))
@@ -64,6 +65,9 @@ def run(argv, nproc=0, extra_env=None, nnodes=0):
              for c in cmds]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     for p, o in zip(procs, outs):
+        if p.returncode:
+            (ROOT / "out").mkdir(exist_ok=True)
+            (ROOT / "out" / f"failed-run-{p.pid}.log").write_text("\n".join(outs))
         assert p.returncode == 0, o[-3000:]
 
 
@@ -165,22 +169,22 @@ def test_overfits_one_batch_and_export_loads_back(setup):
 
 def test_nan_loss_stops_with_last_checkpoint_intact(setup):
     out = setup / "nan"
-    with pytest.raises(SystemExit, match=r"loss is nan .*Last good checkpoint: .*ckpt-00000001"):
+    with pytest.raises(cli.UserError, match=r"loss is nan .*Last good checkpoint: .*ckpt-00000001"):
         run(args_for(setup, out, lr=1e30, grad_clip=0.0, save_every=1, max_steps=5))
     assert (out / "checkpoints" / "ckpt-00000001" / "train_state.json").is_file()
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--nope=1"], "unknown option --nope"),
-    (["--lr=fast"], "--lr=fast: expected a float"),
+    (["--lr=fast"], "--lr takes a number, got 'fast'"),
     (["--global_batch=6", "--micro_batch=4"], "micro_batch values that work with 1 ranks: \\[1, 2, 3, 6\\]"),
     (["--data=/no/such.jsonl", "--stages=[{\"name\": \"s\", \"sources\": [{\"name\": \"x\", \"path\": \"/no/such.jsonl\"}]}]"],
      "stage 's', source 'x': data file /no/such.jsonl does not exist"),
 ])
 def test_config_errors_are_clear(argv, message):
     import train
-    with pytest.raises(SystemExit, match=message):
-        train.main(argv)
+    with pytest.raises(cli.UserError, match=message):
+        train.main(cli.parse(train.TrainConfig, argv))
 
 
 def test_a_dead_rank_ends_the_job_with_a_clear_message(setup):
@@ -207,5 +211,5 @@ def test_a_dead_rank_ends_the_job_with_a_clear_message(setup):
 
 
 def test_a_fresh_run_refuses_an_out_dir_with_checkpoints(setup, reference):
-    with pytest.raises(SystemExit, match="holds checkpoints of an earlier run"):
+    with pytest.raises(cli.UserError, match="holds checkpoints of an earlier run"):
         run(args_for(setup, reference, resume=False))
