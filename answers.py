@@ -392,7 +392,8 @@ def score_answer(item: Item, extracted: str | None) -> dict:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        raise SystemExit(__doc__)
+    if len(sys.argv) != 3:  # --help, or anything but OUTPUT GOLD
+        print(__doc__)
+        raise SystemExit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
     rule = answer_rule(sys.argv[2])
     print(rule, *check_answer(sys.argv[1], sys.argv[2], rule))

@@ -1,53 +1,62 @@
-"""Benchmarks, each a ratio measured within one run so the numbers survive a noisy machine.
+"""Benchmarks, each a ratio or a goal measured within one run so the numbers survive a noisy machine.
 
-Run it:
-    python bench.py                         # every CPU section; writes out/bench/bench.md and bench.png
+    python bench.py                         # every section; writes out/bench/bench.md, bench.json and bench.png
+    python bench.py --help                  # the options
     python bench.py --only=attention,generate --repeats=5
+    python bench.py --only=client,eval_loop
     python bench.py --quick=true            # smaller sizes, for a first look
 
 Sections:
     attention  packed per-document attention vs the dense block-diagonal mask, fwd+bwd, 4096 tokens, several document
                mixes; the same for a whole small model, with peak memory as T grows
-    train      packed rows vs padded batches on the same examples: real and supervised tokens/s, peak memory
+    train      packed rows vs padded batches on the same examples through train.train_step (train.py's own step):
+               real and supervised tokens/s, peak memory
     packing    best-fit-decreasing vs sequential greedy packing efficiency on realistic length distributions
     data       100,000 Orca-style examples tokenized and packed, cold and from the cache
     scale      `python data.py FILE.parquet` on 200,000 OpenOrca-like rows (~300 MB): rows/s and tokens/s per core, and
                the peak memory of the whole process tree (workers included; must stay under 1.5 GB)
     generate   batched greedy generation tokens/s at batch 1, 8, 32, with and without the KV cache
+    eval_loop  issue #17: evaluation's decoding loop, model.generate (one scalar read per step) against a copy of the
+               loop before it (2B+1 scalar reads per step), alternating in one process, batch 8 and 32
+    client     issue #16's goals: client.Endpoint's request rate against a zero-latency local teacher at concurrency 64
+               (goal: 150 requests/s), and synth.py over 10,000 miniature items, cold and then entirely from its cache
+               (goal: under 15 s)
     load       peak anonymous memory of loading a ~1 GB fp32 .bin release into bf16, and of converting it
-    gpu        where CUDA is present: MFU of a LLaMA-2-7B-shaped training step (as many of its blocks as fit one
-               device, packed 2 x 4096 rows, bf16 autocast, fp32 AdamW) and decode tokens/s at batch 1 and 8 as a
-               share of the memory-bandwidth limit; without a GPU it says so in bench.md and measures nothing
+    gpu        where CUDA is present: MFU of a LLaMA-2-7B-shaped training step (train.train_step; as many of its blocks
+               as fit one device, packed 2 x 4096 rows, bf16 autocast, fp32 AdamW) and decode tokens/s at batch 1 and 8
+               as a share of the memory-bandwidth limit; without a GPU it says so in bench.md and measures nothing
 Every timing runs in a fresh process (peak memory is that process's own), the two variants alternating A B A B.
+The cases of packing, data, scale, load and client live in bench_data.py, those of gpu in bench_gpu.py; neither
+imports this file.
 """
 
 import json
 import multiprocessing as mp
 import os
 import resource
-import shutil
 import statistics
-import subprocess
-import sys
-import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import bench_data
+import cli
+from cli import UserError
+
 ROOT = Path(__file__).resolve().parent
 
 
 @dataclass
 class BenchConfig:
-    only: str = "attention,train,packing,data,scale,generate,load,gpu"  # comma-separated sections
+    only: str = "attention,train,packing,data,scale,generate,eval_loop,client,load,gpu"  # sections to run, in order
     repeats: int = 3          # timed repetitions per variant (median reported), after one warm-up
-    quick: bool = False       # smaller sizes
+    quick: bool = False       # smaller sizes, for a first look
     threads: int = 2          # torch threads in each measuring process
-    out: str = "out/bench"    # bench.md, bench.json and bench.png go here
+    out: str = "out/bench"    # bench.md, bench.json and bench.png go here (relative to this file's folder)
 
 
 # ---- measuring in a child process ----
@@ -60,7 +69,10 @@ def in_child(fn, *args):
     """Run fn(*args) in a fresh spawned process; returns its result dict plus that process's peak RSS in MB."""
     ctx = mp.get_context("spawn")
     with ctx.Pool(1) as pool:
-        return pool.apply(_child, (fn, args, THREADS["n"]))
+        result = pool.apply(_child, (fn, args, THREADS["n"]))
+        pool.close()  # let the child exit by itself: a terminated one leaves its semaphores to the resource tracker
+        pool.join()
+    return result
 
 
 def _child(fn, args, threads: int):
@@ -71,7 +83,8 @@ def _child(fn, args, threads: int):
 
 
 def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
+    """Median seconds of fn over repeats calls, after one warm-up call."""
+    fn()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -146,7 +159,7 @@ def memory_case(make, impl: str, args: tuple) -> dict:
     return {}
 
 
-def bench_attention(cfg: BenchConfig) -> list[dict]:
+def section_attention(cfg: BenchConfig) -> list[dict]:
     T = 2048 if cfg.quick else 4096
     rows = []
     for name, lengths in doc_mixes(T).items():
@@ -163,59 +176,55 @@ def bench_attention(cfg: BenchConfig) -> list[dict]:
     return rows
 
 
+
+
 # ---- training throughput: packed rows vs padded batches ----
 
 
-def sample_documents(max_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The shipped Orca-style sample, tokenized by data.py: (ids, teacher flags) per example."""
-    import data
-    import orca2
-    tok = data.Tokenizer.from_pretrained(data.DEFAULT_TOKENIZER)
-    cfg = data.DataConfig(max_len=max_len, cache_dir=str(ROOT / "out" / "bench" / "cache"), num_workers=1)
-    packed, _ = data.build_stage([orca2.Source("sample", str(data.SAMPLE_DATA), erase=True)], tok, cfg, log=None)
-    return [d for p in range(len(packed)) for d in packed.documents(p)], packed
-
-
 def train_case(mode: str, max_len: int, n_examples: int) -> dict:
-    """One pass over the same n_examples, packed (rows of max_len) or padded (4 examples, padded to the longest)."""
+    """One pass over the same n_examples through train.train_step, then clipping and AdamW as train.py does: packed
+    (rows of max_len, 2 per step) or padded (4 examples per step, padded to the longest)."""
     import data
+    import train
     from model import ModelArgs, Transformer
-    docs, packed = sample_documents(max_len)
+    from tokenizer import Tokenizer
+    docs, packed = bench_data.sample_documents(max_len)
+    pad_id = Tokenizer.from_pretrained(data.LLAMA2_TOKENIZER).pad_id
     model = Transformer(ModelArgs.from_name("tiny"))
     model.init_weights(seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batches = []
     if mode == "packed":  # the packs holding the first examples, 2 rows per step
         rows = list(range(len(packed)))[: max(1, n_examples * len(packed) // len(docs))]
-        batches = [data.get_batch(packed, rows[i:i + 2], max_len, 32000) for i in range(0, len(rows), 2)]
+        batches = [data.get_batch(packed, rows[i:i + 2], max_len, pad_id) for i in range(0, len(rows), 2)]
     else:
         chosen = docs[: n_examples]
         for i in range(0, len(chosen), 4):
             group = chosen[i:i + 4]
             T = max(len(ids) for ids, _ in group)
-            ids = torch.full((len(group), T), 32000)
-            labels = torch.full((len(group), T), -100)
+            ids = torch.full((len(group), T), pad_id)
+            labels = torch.full((len(group), T), -100)  # data.py's label contract, already shifted
             for b, (x, sup) in enumerate(group):
                 ids[b, :len(x)] = torch.from_numpy(x.astype(np.int64))
                 labels[b, :len(x) - 1] = torch.from_numpy(np.where(sup[1:] != 0, x[1:].astype(np.int64), -100))
             batches.append(dict(input_ids=ids, labels=labels, position_ids=None,
                                 num_tokens=sum(len(x) for x, _ in group), num_supervised=int((labels != -100).sum())))
+    cpu = torch.device("cpu")
+    autocast = torch.autocast("cpu", enabled=False)  # train.py on a CPU computes in float32
     t = time.perf_counter()
     for b in batches:
-        keep = b["labels"] != -100  # as train.py: logits at the teacher's tokens only
-        logits = model(b["input_ids"], b["position_ids"], logits_at=keep)
-        loss = F.cross_entropy(logits.float(), b["labels"][keep], reduction="sum")
-        (loss / max(1, b["num_supervised"])).backward()
+        train.train_step(model, b, cpu, 1 / max(1, b["num_supervised"]), autocast)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=True)
     dt = time.perf_counter() - t
     real = sum(b["num_tokens"] for b in batches)
     slots = sum(b["input_ids"].numel() for b in batches)
     return {"s": dt, "tok_s": real / dt, "sup_tok_s": sum(b["num_supervised"] for b in batches) / dt,
-            "fill": real / slots, "examples": sum(1 for _ in batches)}
+            "fill": real / slots, "steps": len(batches)}
 
 
-def bench_train(cfg: BenchConfig) -> list[dict]:
+def section_train(cfg: BenchConfig) -> list[dict]:
     n = 48 if cfg.quick else 128
     packed = in_child(train_case, "packed", 1024, n)
     padded = in_child(train_case, "padded", 1024, n)
@@ -226,192 +235,29 @@ def bench_train(cfg: BenchConfig) -> list[dict]:
                  packed_mb=packed["peak_rss_mb"], padded_mb=padded["peak_rss_mb"])]
 
 
-# ---- packing efficiency ----
+# ---- data side: packing, the data pipeline, scale (cases in bench_data.py) ----
 
 
-def greedy_sequential(lengths: np.ndarray, capacity: int) -> int:
-    """The naive baseline: fill the current row in input order, open a new one when the next example does not fit."""
-    rows, room = 0, 0
-    for n in lengths.tolist():
-        if n > room:
-            rows, room = rows + 1, capacity
-        room -= n
-    return rows
-
-
-def bench_packing(cfg: BenchConfig) -> list[dict]:
-    import data
-    rng = np.random.default_rng(0)
+def section_packing(cfg: BenchConfig) -> list[dict]:
     n = 20_000 if cfg.quick else 100_000
-    docs, _ = sample_documents(4096)
-    sample = np.array([len(ids) for ids, _ in docs])
-    dists = {
-        "Orca sample lengths (resampled)": rng.choice(sample, n),
-        "lognormal, median 350 tokens": np.clip(rng.lognormal(np.log(350), 0.9, n), 16, 4096).astype(int),
-        "FLAN-like short, median 120": np.clip(rng.lognormal(np.log(120), 0.7, n), 8, 4096).astype(int),
-        "long-tailed, 5% near 4096": np.concatenate([np.clip(rng.lognormal(np.log(500), 0.8, n - n // 20), 16, 4096),
-                                                     rng.integers(3000, 4097, n // 20)]).astype(int),
-    }
-    rows = []
-    for name, lengths in dists.items():
-        t = time.perf_counter()
-        _, offsets = data.pack_best_fit(lengths, 4096)
-        dt = time.perf_counter() - t
-        bfd, seq = len(offsets) - 1, greedy_sequential(lengths, 4096)
-        total = lengths.sum()
-        rows.append(dict(section="packing", case=f"{name}, {n:,} examples into 4096", bfd_eff=total / (bfd * 4096),
-                         greedy_eff=total / (seq * 4096), ratio=seq / bfd, bfd_s=dt))
-    return rows
+    return [dict(r, section="packing", case=f"{r['name']}, {n:,} examples into 4096")
+            for r in in_child(bench_data.packing_case, n)["rows"]]
 
 
-# ---- data pipeline ----
-
-
-def data_timing(path: str, cache: str) -> dict:
-    """Tokenize and pack one file cold, then from the cache, in this process (its tokenizer workers under it)."""
-    import data
-    import orca2
-    tok = data.Tokenizer.from_pretrained(data.DEFAULT_TOKENIZER)
-    cfg = data.DataConfig(cache_dir=cache)
-    times = [time.time()]
-    for _ in range(2):  # cold, then cached
-        _, stats = data.build_stage([orca2.Source("bench", path, erase=True)], tok, cfg, log=None)
-        times.append(time.time())
-    return dict(examples=stats["examples"], tokens=stats["tokens"], cold_s=times[1] - times[0],
-                cached_s=times[2] - times[1], efficiency=stats["efficiency"],
-                rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-
-
-def data_case(n: int) -> dict:
-    """n Orca-style examples (the shipped sample's lines, each made unique so nothing is encoded only once), timed by
-    data_timing in a fresh interpreter: in_child's daemonic process may not start the tokenizer's worker processes."""
-    import data
-    work, lines = ROOT / "out" / "bench" / "data", [line for line in data.SAMPLE_DATA.read_text().splitlines() if line]
-    shutil.rmtree(work / "cache", ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    path = work / f"orca-{n}.jsonl"
-    with open(path, "w") as f:
-        for k in range(n):
-            r = json.loads(lines[k % len(lines)])
-            r["input"]["messages"][-1]["content"] = f"({k}) " + r["input"]["messages"][-1]["content"]
-            r["preferred_output"][0]["content"] += f" ({k})"
-            f.write(json.dumps(r) + "\n")
-    code = f"import bench, json; print(json.dumps(bench.data_timing({str(path)!r}, {str(work / 'cache')!r})))"
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    if run.returncode:
-        raise RuntimeError(f"data_timing failed on {path}:\n{run.stderr[-3000:]}")
-    return json.loads(run.stdout.splitlines()[-1]) | dict(mbytes=round(path.stat().st_size / 1e6, 1))
-
-
-def bench_data(cfg: BenchConfig) -> list[dict]:
+def section_data(cfg: BenchConfig) -> list[dict]:
     n = 20_000 if cfg.quick else 100_000
-    r = in_child(data_case, n)
-    return [dict(section="data", case=f"{r['examples']:,} Orca-style examples ({r['mbytes']} MB JSONL, {r['tokens']:,} "
-                 f"tokens), {os.cpu_count()} cores", cold_s=r["cold_s"], cached_s=r["cached_s"],
+    r = in_child(bench_data.data_case, n)
+    return [dict(section="data", case=f"{r['examples']:,} Orca-style examples ({r['mbytes']} MB JSONL, "
+                 f"{r['tokens']:,} tokens), {os.cpu_count()} cores", cold_s=r["cold_s"], cached_s=r["cached_s"],
                  ex_s=r["examples"] / r["cold_s"], ratio=r["cold_s"] / max(r["cached_s"], 1e-9),
                  efficiency=r["efficiency"], mb=r["rss_mb"])]
 
 
-# ---- scale: an OpenOrca-like parquet through `python data.py FILE.parquet` ----
-
-# Orca 1-style system messages, as in OpenOrca's system_prompt column (the empty one included).
-OPENORCA_SYSTEMS = [
-    "",
-    "You are an AI assistant. User will you give you a task. Your goal is to complete the task as faithfully as you "
-    "can. While performing the task think step-by-step and justify your steps.",
-    "You are a helpful assistant, who always provide explanation. Think like you are answering to a five year old.",
-    "You are an AI assistant. You will be given a task. You must generate a detailed and long answer.",
-    "You are an AI assistant that helps people find information. Provide a detailed answer so user don't need to "
-    "search outside to understand the answer.",
-    "You should describe the task and explain your answer. While answering a multiple choice question, first output "
-    "the correct answer(s). Then explain why other answers are wrong. Think like you are answering to a five year old.",
-    "You are an AI assistant that follows instruction extremely well. Help as much as you can.",
-    "You are a teacher. Given a task, you explain in simple steps what the task is asking, any guidelines it provides "
-    "and how to use those guidelines to find the answer.",
-]
-
-
-def make_openorca_parquet(path: Path, rows: int, group_rows: int = 10_000) -> None:
-    """OpenOrca's columns (id, system_prompt, question, response) from the shipped sample's questions and answers
-    under random Orca 1 system messages, every row made unique; written one row group at a time."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import data
-    pairs = [(r["input"]["messages"][-1]["content"], r["preferred_output"][0]["content"])
-             for r in map(json.loads, data.SAMPLE_DATA.read_text().splitlines())]
-    rng = np.random.default_rng(0)
-    schema = pa.schema([(c, pa.string()) for c in ("id", "system_prompt", "question", "response")])
-    tmp = path.with_name(path.name + ".tmp")
-    with pq.ParquetWriter(tmp, schema) as writer:
-        for a in range(0, rows, group_rows):
-            ks, pick = range(a, min(a + group_rows, rows)), rng.integers(0, len(pairs), min(group_rows, rows - a))
-            writer.write_table(pa.table({
-                "id": [f"flan.{k}" for k in ks],
-                "system_prompt": [OPENORCA_SYSTEMS[i] for i in rng.integers(0, len(OPENORCA_SYSTEMS), len(ks))],
-                "question": [f"({k}) {pairs[i][0]}" for k, i in zip(ks, pick)],
-                "response": [f"{pairs[i][1]} ({k})" for k, i in zip(ks, pick)]}, schema=schema))
-    tmp.rename(path)
-
-
-def tree_sample(pid: int, cpu: dict[int, float]) -> tuple[float, float, list[int]]:
-    """(RSS MB, PSS MB, pids) summed over a process and all its descendants; each one's CPU seconds so far into cpu.
-    PSS splits shared pages between the processes that map them, so its sum is the tree's real footprint (RSS counts
-    shared library pages once per process)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            after_name = stat.read_text().rsplit(")", 1)[1].split()  # state, ppid, ...; utime, stime at 11, 12
-        except OSError:  # the process ended meanwhile
-            continue
-        children.setdefault(int(after_name[1]), []).append(int(stat.parent.name))
-        cpu[int(stat.parent.name)] = (int(after_name[11]) + int(after_name[12])) / os.sysconf("SC_CLK_TCK")
-    todo, rss, pss, tree = [pid], 0.0, 0.0, []
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += children.get(p, [])
-        try:
-            for line in open(f"/proc/{p}/smaps_rollup"):
-                key, value = line.split()[:2]
-                rss += int(value) / 1024 if key == "Rss:" else 0
-                pss += int(value) / 1024 if key == "Pss:" else 0
-        except (OSError, ValueError):  # ended, or the header line of the file
-            continue
-    return rss, pss, tree
-
-
-def scale_case(rows: int) -> dict:
-    """`python data.py FILE.parquet` on a fresh cache; its process tree's memory and CPU time sampled every 0.2 s."""
-    work = ROOT / "out" / "bench" / "scale"
-    path = work / f"openorca-{rows}.parquet"
-    work.mkdir(parents=True, exist_ok=True)
-    if not path.is_file():
-        make_openorca_parquet(path, rows)
-    shutil.rmtree(work / "cache", ignore_errors=True)
-    t, log = time.perf_counter(), open(work / "data.py.log", "w")  # a file, not a pipe: a full pipe would block
-    proc = subprocess.Popen([sys.executable, str(ROOT / "data.py"), str(path), "--cache_dir", str(work / "cache")],
-                            stdout=log, stderr=subprocess.STDOUT)
-    peak_rss = peak_pss = 0.0
-    cpu, tree = {}, set()
-    while proc.poll() is None:
-        rss, pss, pids = tree_sample(proc.pid, cpu)
-        peak_rss, peak_pss, tree = max(peak_rss, rss), max(peak_pss, pss), tree | set(pids)
-        time.sleep(0.2)
-    wall = time.perf_counter() - t
-    log.close()
-    if proc.returncode:
-        raise RuntimeError(f"data.py failed on {path}:\n{(work / 'data.py.log').read_text()[-3000:]}")
-    (meta,) = [json.loads(m.read_text()) for m in (work / "cache").glob("tokens-*/meta.json")]
-    return dict(rows=meta["lines"], examples=meta["examples"], tokens=meta["tokens"], workers=meta["workers"],
-                mbytes=path.stat().st_size / 1e6, wall_s=wall, tokenize_s=meta["seconds"], peak_rss_tree=peak_rss,
-                peak_pss_tree=peak_pss, cpu_s=sum(cpu[p] for p in tree))
-
-
-def bench_scale(cfg: BenchConfig) -> list[dict]:
+def section_scale(cfg: BenchConfig) -> list[dict]:
     """Wall-clock rates on this machine, and per core as tokens per CPU-second of the whole tree (robust to other
     load on the machine): what a user multiplies by a node's cores to estimate a stage."""
     rows = 20_000 if cfg.quick else 200_000
-    r = in_child(scale_case, rows)
+    r = in_child(bench_data.scale_case, rows)
     per_cpu_s = r["rows"] / r["cpu_s"]
     return [dict(section="scale", case=f"`python data.py` on {r['rows']:,} OpenOrca-like parquet rows "
                  f"({r['mbytes']:.0f} MB, {r['tokens'] / 1e6:.1f}M tokens), {r['workers']} worker processes",
@@ -424,90 +270,153 @@ def bench_scale(cfg: BenchConfig) -> list[dict]:
 # ---- generation ----
 
 
-def generate_case(batch: int, use_cache: bool, new_tokens: int) -> dict:
+def tiny_model_and_prompts(batch: int):
+    """The tiny preset (random weights, seed 0) and batch prompts of 48-95 random tokens."""
     from model import ModelArgs, Transformer
     model = Transformer(ModelArgs.from_name("tiny"))
     model.init_weights(seed=0)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 32000, (int(n),), generator=g).tolist() for n in torch.randint(48, 96, (batch,), generator=g)]
+    lengths = torch.randint(48, 96, (batch,), generator=g).tolist()
+    return model, [torch.randint(3, 32000, (n,), generator=g).tolist() for n in lengths]
+
+
+def generate_case(batch: int, use_cache: bool, new_tokens: int) -> dict:
+    model, prompts = tiny_model_and_prompts(batch)
     s = timed(lambda: model.generate(prompts, new_tokens, stop_ids=(), use_cache=use_cache), 2)
     return {"tok_s": batch * new_tokens / s}
 
 
-def bench_generate(cfg: BenchConfig) -> list[dict]:
+def section_generate(cfg: BenchConfig) -> list[dict]:
     new = 16 if cfg.quick else 32
     rows = []
     for b in (1, 8, 32):
         cached = in_child(generate_case, b, True, new)
         plain = in_child(generate_case, b, False, new)
         rows.append(dict(section="generate", case=f"tiny model, batch {b}, prompts 48-95 tokens, {new} new tokens",
-                         cache_tok_s=cached["tok_s"], nocache_tok_s=plain["tok_s"], ratio=cached["tok_s"] / plain["tok_s"]))
+                         cache_tok_s=cached["tok_s"], nocache_tok_s=plain["tok_s"],
+                         ratio=cached["tok_s"] / plain["tok_s"]))
     return rows
 
 
-# ---- loading the release layout: peak anonymous memory ----
+# ---- eval_loop: evaluation's decoding loop before and after issue #17 ----
 
 
-def make_release(folder: Path, quick: bool) -> dict:
-    """A ~1 GB fp32 checkpoint in the Orca 2 release layout: three .bin shards, an index, an old-style config."""
-    from model import ModelArgs, Transformer
-    args = ModelArgs(dim=1024, n_layers=4 if quick else 16, n_heads=16, n_kv_heads=16, vocab_size=32003,
-                     hidden_dim=2816, max_seq_len=4096)
-    if not (folder / "config.json").is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        model = Transformer(args)
-        model.init_weights(seed=0)
-        sd, weight_map = model.state_dict(), {}
-        names = list(sd)
-        for i in range(3):
-            fname = f"pytorch_model-{i + 1:05d}-of-00003.bin"
-            part = {k: sd[k] for k in names[i * len(names) // 3:(i + 1) * len(names) // 3]}
-            torch.save(part, folder / fname)
-            weight_map.update({k: fname for k in part})
-        (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
-        (folder / "config.json").write_text(json.dumps(dict(args.to_hf_config(torch.float32), pad_token_id=0)))
-    with torch.device("meta"):
-        n_params = sum(p.numel() for p in Transformer(args).parameters())
-    largest = max(f.stat().st_size for f in folder.glob("*.bin"))
-    return {"fp32_mb": n_params * 4 / 1e6, "bf16_mb": n_params * 2 / 1e6, "largest_shard_mb": largest / 1e6}
+@torch.no_grad()
+def generate_before_17(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: tuple[int, ...] = (2, 32002),
+                       temperature: float = 0.0, top_p: float = 1.0, pad_id: int = 0, use_cache: bool = True,
+                       generator: torch.Generator | None = None, on_token=None) -> list[list[int]]:
+    """THE BASELINE BEING MEASURED AGAINST, not project code: Transformer.generate as it was before issue #17
+    (`git show 89c2fec:model.py`), as it was but for self -> model, no prompt checks and one line split. Each step
+    copies the new tokens to the host, then reads done[i] and finished_now[i] one scalar at a time: 2B+1 device-to-host
+    reads per step (plus done.all()), where model.generate reads one."""
+    from model import KVCache, sample
+    device = model.lm_head.weight.device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    S = min(P + max_new_tokens, model.args.max_seq_len)
+    pad = torch.tensor([P - len(p) for p in prompts], device=device)  # left padding per row
+    tokens = torch.full((B, S), pad_id, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p):P] = torch.tensor(p, device=device)
+    col = torch.arange(S, device=device)
+    positions = (col[None, :] - pad[:, None]).clamp(min=0)  # (B, S)
+    real = col[None, :] >= pad[:, None]  # (B, S)
+    full_mask = (col[None, :, None] >= col[None, None, :]) & \
+        (real[:, None, :] | torch.eye(S, dtype=torch.bool, device=device))  # (B, S, S)
+    caches = [KVCache(B, model.args.n_kv_heads, S, model.args.head_dim, device) for _ in model.model.layers] \
+        if use_cache else None
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    stops = torch.tensor(stop_ids, device=device)
+    pos = 0
+    last = torch.zeros(B, S, dtype=torch.bool, device=device)
+    last[:, -1] = True  # logits_at: the last position of whatever slice is fed
+    for t in range(P, S):
+        if use_cache:  # prefill the prompt once, then one token per step
+            sl = slice(pos, t)
+            logits = model(tokens[:, sl], positions[:, sl], last[:, pos - t:], full_mask[:, None, sl, :t], caches, pos)
+            pos = t
+        else:
+            logits = model(tokens[:, :t], positions[:, :t], last[:, -t:], full_mask[:, None, :t, :t])
+        nxt = sample(logits.float(), temperature, top_p, generator)  # (B,)
+        nxt = torch.where(done, pad_id, nxt)
+        tokens[:, t] = nxt
+        finished_now = torch.isin(nxt, stops) & ~done
+        step = []
+        for i, tok in enumerate(nxt.tolist()):  # the per-row scalar reads issue #17 removed
+            keep = not done[i] and not finished_now[i]
+            if keep:
+                out[i].append(tok)
+            step.append(tok if keep else None)
+        done |= finished_now
+        if on_token is not None:
+            on_token(step)
+        if done.all() or t + 1 - P >= max_new_tokens:
+            break
+    return out
 
 
-def peak_anon(fn) -> float:
-    """Peak RssAnon (MB) while fn runs, sampled every 2 ms from /proc/self/status."""
-    peak, done = [0], threading.Event()
-
-    def poll():
-        while not done.is_set():
-            for line in open("/proc/self/status"):
-                if line.startswith("RssAnon:"):
-                    peak[0] = max(peak[0], int(line.split()[1]) / 1024)
-            time.sleep(0.002)
-    base = [int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("RssAnon:")][0]
-    t = threading.Thread(target=poll)
-    t.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        t.join()
-    return peak[0] - base
+def eval_loop_case(batch: int, new_tokens: int, repeats: int, device: str) -> dict:
+    """Both loops on the same tiny model and prompts, no stop ids (every row decodes new_tokens), alternating."""
+    model, prompts = tiny_model_and_prompts(batch)
+    model.to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    old = lambda: (generate_before_17(model, prompts, new_tokens, stop_ids=()), sync())  # noqa: E731
+    new = lambda: (model.generate(prompts, new_tokens, stop_ids=()), sync())  # noqa: E731
+    assert old()[0] == new()[0], "the two loops chose different tokens: the timing would compare different work"
+    t_old, t_new = timed_pair(old, new, repeats)
+    return {"old_tok_s": batch * new_tokens / t_old, "new_tok_s": batch * new_tokens / t_new}
 
 
-def load_case(folder: str, what: str) -> dict:
-    from model import Transformer, convert
-    if what == "load":
-        keep = []
-        mb = peak_anon(lambda: keep.append(Transformer.from_pretrained(folder, dtype=torch.bfloat16)))
-    else:
-        mb = peak_anon(lambda: convert(folder, folder + "-bf16", dtype="bfloat16", max_shard_size="400MB"))
-    return {"anon_mb": mb}
+def section_eval_loop(cfg: BenchConfig) -> list[dict]:
+    new = 32 if cfg.quick else 64
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = []
+    for device in devices:
+        for b in (8, 32):
+            r = in_child(eval_loop_case, b, new, cfg.repeats, device)
+            rows.append(dict(section="eval_loop", case=f"{device}: tiny model, batch {b}, prompts 48-95 tokens, "
+                             f"{new} new tokens, no stop", old_tok_s=r["old_tok_s"], new_tok_s=r["new_tok_s"],
+                             ratio=r["new_tok_s"] / r["old_tok_s"]))
+    return rows
 
 
-def bench_load(cfg: BenchConfig) -> list[dict]:
+# ---- client: issue #16's goals for client.py and synth.py (cases in bench_data.py) ----
+
+CLIENT_GOAL_REQ_S = 150  # issue #16: requests/s the client sustains against a teacher that answers at once
+CACHED_GOAL_S = 15  # issue #16: seconds for synth.py to answer 10,000 items entirely from its cache
+
+
+def section_client(cfg: BenchConfig) -> list[dict]:
+    n_requests, n_items = (1000, 2000) if cfg.quick else (3000, 10_000)
+    with bench_data.server_process(bench_data.fixed_teacher) as url:
+        a = in_child(bench_data.client_rate_case, url, n_requests, 64)
+    with bench_data.server_process(bench_data.miniature_teacher) as url:
+        b = in_child(bench_data.synth_case, url, n_items, 64)
+    goal_s = CACHED_GOAL_S * b["items"] / 10_000  # scaled to the items run (only --quick runs fewer)
+    return [
+        dict(section="client", case=f"client.Endpoint, zero-latency local teacher (own process), concurrency 64, "
+             f"{a['requests']:,} distinct requests, fresh cache", req_s=a["req_s"],
+             figure=f"{a['req_s']:.0f} requests/s", goal=f">= {CLIENT_GOAL_REQ_S} requests/s",
+             met="yes" if a["req_s"] >= CLIENT_GOAL_REQ_S else "NO", ratio=a["req_s"] / CLIENT_GOAL_REQ_S),
+        dict(section="client", case=f"synth.py rerun answered entirely from its cache, {b['items']:,} miniature items "
+             f"({b['written']:,} written to data.jsonl)", seconds=b["cached_s"], items_s=b["items"] / b["cached_s"],
+             figure=f"{b['cached_s']:.1f} s ({b['items'] / b['cached_s']:.0f} items/s)", goal=f"< {goal_s:g} s",
+             met="yes" if b["cached_s"] < goal_s else "NO", ratio=goal_s / b["cached_s"]),
+        dict(section="client", case=f"synth.py cold run, the same items against tasks.teacher_server() (own "
+             f"process), concurrency 64: {b['requests']:,} requests (selection included)", seconds=b["cold_s"],
+             items_s=b["items"] / b["cold_s"], figure=f"{b['cold_s']:.1f} s ({b['items'] / b['cold_s']:.0f} items/s)",
+             goal="none (the teacher's speed)", met="-"),
+    ]
+
+
+# ---- loading the release layout: peak anonymous memory (cases in bench_data.py) ----
+
+
+def section_load(cfg: BenchConfig) -> list[dict]:
     folder = ROOT / "out" / "bench" / ("release-small" if cfg.quick else "release-1gb")
-    sizes = make_release(folder, cfg.quick)
-    load = in_child(load_case, str(folder), "load")
-    conv = in_child(load_case, str(folder), "convert")
+    sizes = bench_data.make_release(folder, cfg.quick)
+    load = in_child(bench_data.load_case, str(folder), "load")
+    conv = in_child(bench_data.load_case, str(folder), "convert")
     return [dict(section="load", case=f"fp32 .bin release ({sizes['fp32_mb']:.0f} MB) -> {what}", anon_mb=r["anon_mb"],
                  bf16_mb=sizes["bf16_mb"], shard_mb=sizes["largest_shard_mb"], ratio=r["anon_mb"] / sizes["bf16_mb"])
             for what, r in (("bf16 model (from_pretrained)", load), ("bf16 safetensors (convert, 400MB shards)", conv))]
@@ -516,7 +425,7 @@ def bench_load(cfg: BenchConfig) -> list[dict]:
 # ---- GPU: MFU of a 7B-shaped training step, decode speed against the memory-bandwidth limit (bench_gpu.py) ----
 
 
-def bench_gpu(cfg: BenchConfig) -> list[dict]:
+def section_gpu(cfg: BenchConfig) -> list[dict]:
     from bench_gpu import gpu_decode_case, gpu_train_case
     if not torch.cuda.is_available():
         print("[bench] gpu: skipped, no CUDA device here (the section runs by itself where one is present)")
@@ -535,23 +444,26 @@ def bench_gpu(cfg: BenchConfig) -> list[dict]:
 
 # ---- report ----
 
-SECTIONS = {"attention": bench_attention, "train": bench_train, "packing": bench_packing, "data": bench_data,
-            "scale": bench_scale, "generate": bench_generate, "load": bench_load, "gpu": bench_gpu}
+SECTIONS = {"attention": section_attention, "train": section_train, "packing": section_packing, "data": section_data,
+            "scale": section_scale, "generate": section_generate, "eval_loop": section_eval_loop,
+            "client": section_client, "load": section_load, "gpu": section_gpu}
 COLUMNS = {  # section -> (header, [(column title, key, format)])
     "attention": ("Packed per-document attention vs dense block-diagonal mask (fwd+bwd)",
-                  [("packed ms", "packed_ms", ".1f"), ("dense ms", "dense_ms", ".1f"), ("dense / packed", "ratio", ".2f"),
-                   ("packed peak MB", "packed_mb", ".0f"), ("dense peak MB", "dense_mb", ".0f")]),
-    "train": ("Training throughput: packed rows vs padded batches, same examples",
-              [("packed tok/s", "packed_tok_s", ".0f"), ("padded tok/s", "padded_tok_s", ".0f"), ("packed / padded", "ratio", ".2f"),
-               ("packed sup tok/s", "packed_sup_tok_s", ".0f"), ("padded sup tok/s", "padded_sup_tok_s", ".0f"),
-               ("packed fill", "packed_fill", ".1%"), ("padded fill", "padded_fill", ".1%"),
-               ("packed peak MB", "packed_mb", ".0f"), ("padded peak MB", "padded_mb", ".0f")]),
+                  [("packed ms", "packed_ms", ".1f"), ("dense ms", "dense_ms", ".1f"),
+                   ("dense / packed", "ratio", ".2f"), ("packed peak MB", "packed_mb", ".0f"),
+                   ("dense peak MB", "dense_mb", ".0f")]),
+    "train": ("Training throughput (train.train_step): packed rows vs padded batches, same examples",
+              [("packed tok/s", "packed_tok_s", ".0f"), ("padded tok/s", "padded_tok_s", ".0f"),
+               ("packed / padded", "ratio", ".2f"), ("packed sup tok/s", "packed_sup_tok_s", ".0f"),
+               ("padded sup tok/s", "padded_sup_tok_s", ".0f"), ("packed fill", "packed_fill", ".1%"),
+               ("padded fill", "padded_fill", ".1%"), ("packed peak MB", "packed_mb", ".0f"),
+               ("padded peak MB", "padded_mb", ".0f")]),
     "packing": ("Packing efficiency (real tokens / row slots)",
                 [("best-fit decreasing", "bfd_eff", ".2%"), ("sequential greedy", "greedy_eff", ".2%"),
                  ("rows greedy / rows BFD", "ratio", ".3f"), ("BFD seconds", "bfd_s", ".2f")]),
-    "data": ("Data pipeline: tokenize + pack", [("cold s", "cold_s", ".1f"), ("cached s", "cached_s", ".2f"),
-             ("examples/s cold", "ex_s", ".0f"), ("cold / cached", "ratio", ".0f"), ("packing eff.", "efficiency", ".2%"),
-             ("peak MB", "mb", ".0f")]),
+    "data": ("Data pipeline: tokenize + pack",
+             [("cold s", "cold_s", ".1f"), ("cached s", "cached_s", ".2f"), ("examples/s cold", "ex_s", ".0f"),
+              ("cold / cached", "ratio", ".0f"), ("packing eff.", "efficiency", ".2%"), ("peak MB", "mb", ".0f")]),
     "scale": ("Scale: tokenize + pack an OpenOrca-like parquet (the whole command; per core = per CPU-second of its "
               "process tree)",
               [("seconds", "wall_s", ".0f"), ("of which tokenizing", "tokenize_s", ".0f"), ("rows/s", "rows_s", ".0f"),
@@ -559,8 +471,15 @@ COLUMNS = {  # section -> (header, [(column title, key, format)])
                ("tokens/s per core", "tok_core", ".0f"), ("5M rows on 64 cores, min", "est_5m_64", ".1f"),
                ("peak PSS MB (tree)", "pss_mb", ".0f"), ("peak RSS MB (tree sum)", "rss_mb", ".0f"),
                ("1500 MB / peak PSS", "ratio", ".2f")]),
-    "generate": ("Batched greedy generation", [("KV cache tok/s", "cache_tok_s", ".0f"),
-                 ("no cache tok/s", "nocache_tok_s", ".0f"), ("cache / no cache", "ratio", ".2f")]),
+    "generate": ("Batched greedy generation",
+                 [("KV cache tok/s", "cache_tok_s", ".0f"), ("no cache tok/s", "nocache_tok_s", ".0f"),
+                  ("cache / no cache", "ratio", ".2f")]),
+    "eval_loop": ("Evaluation's decoding loop (issue #17): model.generate, one scalar read per step, against the loop "
+                  "before it (the baseline, bench.generate_before_17: 2B+1 reads per step), alternating in one process",
+                  [("old loop tok/s", "old_tok_s", ".0f"), ("model.generate tok/s", "new_tok_s", ".0f"),
+                   ("new / old", "ratio", ".2f")]),
+    "client": ("Teacher client and synth.py (issue #16's goals)",
+               [("figure", "figure", "s"), ("goal", "goal", "s"), ("met?", "met", "s")]),
     "load": ("Loading the release layout: peak anonymous memory (RssAnon)",
              [("peak anon MB", "anon_mb", ".0f"), ("bf16 model MB", "bf16_mb", ".0f"),
               ("largest shard MB", "shard_mb", ".0f"), ("anon / bf16 model", "ratio", ".2f")]),
@@ -576,9 +495,10 @@ COLUMNS = {  # section -> (header, [(column title, key, format)])
 }
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], load: tuple[float, float]) -> str:
     out = [f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-           f"{THREADS['n']} threads per measuring process.\n"]
+           f"{THREADS['n']} threads per measuring process; load average (1 min) {load[0]:.1f} at the start, "
+           f"{load[1]:.1f} at the end.\n"]
     for section, (title, cols) in COLUMNS.items():
         mine = [r for r in rows if r["section"] == section]
         if not mine:
@@ -593,15 +513,12 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def chart(rows: list[dict], path: Path) -> bool:
-    """A bar chart of every ratio; needs matplotlib (a bench-only extra, not a runtime dependency)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    shown = [r for r in rows if r["section"] != "packing" and "ratio" in r]
+def chart(rows: list[dict], path: Path) -> None:
+    """A bar chart of every ratio (log scale; > 1 = ours faster, leaner or within its goal)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    shown = [r for r in rows if "ratio" in r]
     labels = [f"{r['section']}: {r['case'][:60]}" for r in shown]
     values = [r["ratio"] for r in shown]
     fig, ax = plt.subplots(figsize=(10, 0.35 * len(values) + 1.5))
@@ -609,40 +526,41 @@ def chart(rows: list[dict], path: Path) -> bool:
     ax.axvline(1.0, color="black", lw=0.8)
     ax.set_yticks(range(len(values)), labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.set_xlabel("ratio (see bench.md for what each ratio divides; > 1 = ours faster / leaner)")
+    if values:
+        ax.set_xscale("log")
+    else:
+        ax.text(0.5, 0.5, "no ratios in this run", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("ratio, > 1 = ours faster / leaner / within the goal (bench.md: what each divides)", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the long labels included
+    plt.close(fig)
 
 
-def main(argv: list[str]):
-    known = {f.name: f.type for f in fields(BenchConfig)}
-    values = {}
-    for arg in argv:
-        key, _, raw = arg.removeprefix("--").partition("=")
-        if key not in known or not raw:
-            raise SystemExit(f"options are --key=value with key in {list(known)}; got {arg!r}")
-        values[key] = raw.lower() in ("1", "true") if known[key] is bool else known[key](raw)
-    cfg = BenchConfig(**values)
+def main(cfg: BenchConfig) -> list[dict]:
+    """Run the chosen sections in order; write bench.md, bench.json and bench.png; return the rows."""
+    names = [s.strip() for s in cfg.only.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SECTIONS]
+    if unknown or not names:
+        raise UserError(f"--only: unknown sections {unknown}; choose from {','.join(SECTIONS)}")
+    if cfg.repeats < 1 or cfg.threads < 1:
+        raise UserError(f"--repeats and --threads must be at least 1, got {cfg.repeats} and {cfg.threads}")
+    print(f"[bench] {cfg}", flush=True)
     THREADS["n"] = cfg.threads
-    unknown = set(cfg.only.split(",")) - set(SECTIONS)
-    if unknown:
-        raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {list(SECTIONS)}")
     out = ROOT / cfg.out
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name in cfg.only.split(","):
+    load_start, rows = os.getloadavg()[0], []
+    for name in names:
         t = time.perf_counter()
         rows += SECTIONS[name](cfg)
         print(f"[bench] {name} done in {time.perf_counter() - t:.0f}s", flush=True)
-    text = markdown(rows)
+    text = markdown(rows, (load_start, os.getloadavg()[0]))
     print(text)
     (out / "bench.md").write_text(text)
     (out / "bench.json").write_text(json.dumps(rows, indent=1))
-    print(f"wrote {out / 'bench.md'}" + (f" and {out / 'bench.png'}" if chart(rows, out / "bench.png") else
-                                          " (no chart: pip install matplotlib)"))
+    chart(rows, out / "bench.png")
+    print(f"wrote {out / 'bench.md'}, bench.json and bench.png")
+    return rows
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main, BenchConfig, __doc__)

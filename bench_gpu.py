@@ -1,15 +1,21 @@
 """bench.py's GPU section: the MFU of a LLaMA-2-7B-shaped training step and decode speed against the memory-bandwidth
-limit. `python bench.py --only=gpu` runs these, each in a fresh process, where CUDA is present; the tests run them on
-the CPU with a tiny shape."""
+limit. bench.py runs each case here in a fresh process where CUDA is present; the tests run them on the CPU with a
+tiny shape. The training step is train.train_step itself, the decoder model.generate itself.
+
+    python bench.py --only=gpu          # the section, written into out/bench/bench.md
+    python bench_gpu.py                 # both cases once: the 7B shape on a GPU, the tiny shape on a CPU
+
+This module never imports bench.py (bench.py imports it).
+"""
 
 import dataclasses
+import statistics
+import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 import train
-from bench import timed
 from model import ModelArgs, Transformer
 
 PEAK_HBM_BYTES_S = {"A100-SXM4-80GB": 2.039e12, "A100-SXM4-40GB": 1.555e12, "A100 80GB PCIe": 1.935e12,
@@ -25,6 +31,17 @@ def random_model(args, device: str, dtype: torch.dtype):
         for name, p in model.named_parameters():
             p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
     return model
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of fn over repeats calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def sync(device: str):
@@ -46,7 +63,8 @@ def gpu_train_case(preset: str, device: str, seq_len: int, micro_batch: int, ste
     LLaMA-2-7B's block shape; as many of its 32 blocks as fit next to AdamW's 16 bytes per parameter."""
     full = dataclasses.replace(ModelArgs.from_name(preset), vocab_size=32003, max_seq_len=seq_len)
     fixed = 16 * 2 * full.vocab_size * full.dim + 8e9  # embedding and output layer, plus room for activations
-    args = dataclasses.replace(full, n_layers=fitting_layers(16 * train.block_params(full), fixed, device, full.n_layers))
+    layers = fitting_layers(16 * train.block_params(full), fixed, device, full.n_layers)
+    args = dataclasses.replace(full, n_layers=layers)
     model = random_model(args, device, torch.float32)
     for block in model.model.layers:
         block.checkpoint = True
@@ -54,7 +72,8 @@ def gpu_train_case(preset: str, device: str, seq_len: int, micro_batch: int, ste
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
     g = torch.Generator().manual_seed(0)
     positions, teacher = [], []
-    for _ in range(micro_batch):  # documents of 128-1024 tokens fill each row exactly; the second half of each is taught
+    # documents of 128-1024 tokens fill each row exactly; the second half of each is taught
+    for _ in range(micro_batch):
         lengths = []
         while sum(lengths) < seq_len:
             lengths.append(min(int(torch.randint(128, 1025, (), generator=g)), seq_len - sum(lengths)))
@@ -62,15 +81,15 @@ def gpu_train_case(preset: str, device: str, seq_len: int, micro_batch: int, ste
         teacher.append(torch.cat([torch.arange(n) >= n // 2 for n in lengths]))
     position_ids, supervised = torch.stack(positions).to(device), torch.stack(teacher).to(device)
     input_ids = torch.randint(3, 32000, (micro_batch, seq_len), generator=g).to(device)
-    labels = torch.randint(3, 32000, (micro_batch, seq_len), generator=g).to(device)
+    targets = torch.randint(3, 32000, (micro_batch, seq_len), generator=g).to(device)
+    # data.py's label contract: -100 everywhere but the teacher's tokens
+    batch = dict(input_ids=input_ids, labels=torch.where(supervised, targets, -100), position_ids=position_ids)
     n_tok, n_sup = input_ids.numel(), int(supervised.sum())
-    pairs = train.attention_pairs(dict(input_ids=input_ids, position_ids=position_ids), pad_id=-1)  # no padding
+    pairs = train.attention_pairs(batch, pad_id=-1)  # no padding
+    autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda)
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            logits = model(input_ids, position_ids, logits_at=supervised)
-        loss = F.cross_entropy(logits.float(), labels[supervised], reduction="sum") / n_sup
-        loss.backward()
+    def step():  # what train.py does per optimizer step with one micro-batch
+        train.train_step(model, batch, torch.device(device), 1 / n_sup, autocast)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -113,8 +132,8 @@ def gpu_decode_case(preset: str, device: str, batch: int, prompt_len: int, new_t
     reads every weight once (the embedding only one row) plus the cache so far: that many bytes at the device's
     bandwidth is the fastest any decoder can go."""
     full = dataclasses.replace(ModelArgs.from_name(preset), vocab_size=32003)
-    args = dataclasses.replace(full, n_layers=fitting_layers(2 * train.block_params(full), 4 * full.vocab_size * full.dim,
-                                                             device, full.n_layers))
+    layers = fitting_layers(2 * train.block_params(full), 4 * full.vocab_size * full.dim, device, full.n_layers)
+    args = dataclasses.replace(full, n_layers=layers)
     model = random_model(args, device, torch.bfloat16).eval()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 32000, (prompt_len,), generator=g).tolist() for _ in range(batch)]
@@ -133,3 +152,13 @@ def gpu_decode_case(preset: str, device: str, batch: int, prompt_len: int, new_t
             "frac_measured": (weights + kv) / per_token / bw,
             "frac_nominal": (weights + kv) / per_token / nominal if nominal else float("nan"),
             "copy_gb_s": bw / 1e9, "gb_per_token": (weights + kv) / 1e9}
+
+
+if __name__ == "__main__":
+    if sys.argv[1:]:
+        print(__doc__)
+        raise SystemExit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
+    on_gpu = torch.cuda.is_available()
+    preset, dev = ("llama2-7b", "cuda") if on_gpu else ("tiny", "cpu")
+    print("train:", gpu_train_case(preset, dev, seq_len=4096 if on_gpu else 256, micro_batch=2, steps=2))
+    print("decode:", gpu_decode_case(preset, dev, batch=1, prompt_len=128 if on_gpu else 16, new_tokens=32))

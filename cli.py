@@ -16,6 +16,7 @@ import dataclasses
 import io
 import inspect
 import json
+import math
 import sys
 import tokenize
 from pathlib import Path
@@ -28,21 +29,35 @@ class UserError(ValueError):
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """field name -> the comment written beside it (and on comment-only lines right below it) in the class source."""
+    """field name -> what the class source says of it: the comment beside it and the comment lines indented below
+    that; a field without one gets the heading above it (a comment line at the fields' indentation, "# optimizer")."""
     comments: dict[str, str] = {}
     for klass in reversed(cls.__mro__):  # a subclass's comment wins over its parent's
         if not dataclasses.is_dataclass(klass):
             continue
-        tokens = tokenize.generate_tokens(io.StringIO(inspect.getsource(klass)).readline)
-        current, line_start = None, True
-        for tok in tokens:
-            if tok.type == tokenize.COMMENT and current:
-                comments[current] = (comments.get(current, "") + " " + tok.string.lstrip("#").strip()).strip()
-            elif tok.type == tokenize.NAME and line_start:
-                current = tok.string if tok.string in klass.__dataclass_fields__ else None
-                if current:
-                    comments[current] = ""
+        own: dict[str, list[str]] = {}
+        headed: dict[str, str] = {}
+        heading, field, body, line_start, after_heading = [], None, None, True, False
+        for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(klass)).readline):
+            if tok.type == tokenize.INDENT and body is None:
+                body = tok.end[1]  # the class body's indentation: where field names start
+            elif tok.type == tokenize.COMMENT:
+                text = tok.string.lstrip("#").strip()
+                if field and (not line_start or tok.start[1] > body):  # beside the field, or a continuation line
+                    own[field].append(text)
+                elif line_start and tok.start[1] == body:  # a heading for the fields below it
+                    heading = heading + [text] if after_heading else [text]
+                    field, after_heading = None, True
+            elif line_start and tok.start[1] == body and tok.type in (tokenize.NAME, tokenize.OP, tokenize.STRING):
+                field = tok.string if tok.string in klass.__dataclass_fields__ else None  # a field, a def, ...
+                after_heading = False
+                if field:
+                    own[field], headed[field] = [], " ".join(heading)
             line_start = tok.type in (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT)
+        for name in own:
+            text = " ".join(own[name]) or headed[name]
+            if text or name not in comments:
+                comments[name] = text
     return comments
 
 
@@ -71,6 +86,11 @@ def convert(key: str, value, t, where: str):
         value, ok = float(value), True
     if not ok:
         raise UserError(f"{where}: {key} takes {KINDS.get(type_name(base), type_name(t))}, got {value!r}")
+    if base is float and not math.isfinite(value):  # float("nan") parses, and a NaN learning rate trains on silently
+        raise UserError(f"{where}: {key} takes a finite number, got {value!r}")
+    item = getattr(t, "__args__", (object,))[0]  # list[str]: every element a str
+    if base is list and not all(isinstance(v, item) for v in value):
+        raise UserError(f"{where}: {key} takes a JSON list of {type_name(item)} values, got {value!r}")
     return value
 
 
@@ -79,7 +99,8 @@ def help_text(cls: type, doc: str) -> str:
     rows = []
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        rows.append(f"  --{f.name}  ({type_name(f.type)}, default {json.dumps(default)})\n      {comments.get(f.name, '')}")
+        option = f"  --{f.name}  ({type_name(f.type)}, default {json.dumps(default)})"
+        rows.append(f"{option}\n      {comments.get(f.name, '')}")
     return (doc or "").strip() + "\n\nOptions (--key=value or --key value; --config FILE.json sets many):\n" + \
         "\n".join(rows) + "\n"
 
@@ -101,16 +122,16 @@ def parse(cls: type, argv: list[str], doc: str = "", positional: tuple[str, ...]
             values[free.pop(0)] = arg
             continue
         key, eq, raw = arg[2:].partition("=")
+        if key != "config" and key not in types:
+            raise UserError(f"unknown option --{key}; known options: {', '.join('--' + k for k in types)}")
         if not eq:
             if i >= len(argv):
                 raise UserError(f"--{key} needs a value")
             raw, i = argv[i], i + 1
         if key == "config":
             values.update(read_config_file(raw, types))
-        elif key in types:
-            values[key] = convert(f"--{key}", raw, types[key], "command line")
         else:
-            raise UserError(f"unknown option --{key}; known options: {', '.join('--' + k for k in types)}")
+            values[key] = convert(f"--{key}", raw, types[key], "command line")
     if free:
         raise UserError(f"missing argument(s): {', '.join(free)} (see --help)")
     return cls(**values)

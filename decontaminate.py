@@ -1,9 +1,9 @@
 """Contamination report: which test items of the Orca 2 benchmarks occur in training files, and clean copies.
 
-    python data.py decontaminate --train data/flan_v2.jsonl data/1M-GPT4-Augmented.parquet --out report.json
-    python data.py decontaminate --train FILE [FILE ...] --benchmarks agieval,bbh,drop,crass,race,gsm8k \\
-        --out report.json --ngram 13 --write_clean data/clean
-    python decontaminate.py --train FILE ...                      # the same; --help lists every option
+    python decontaminate.py --train=data/flan_v2.jsonl,data/1M-GPT4-Augmented.parquet --out=report.json
+    python decontaminate.py --train=FILE[,FILE...] --benchmarks=agieval,bbh,drop,crass,race,gsm8k \\
+        --out=report.json --ngram=13 --write_clean=data/clean
+    python data.py decontaminate --train=FILE ...                 # the same; --help lists every option
 
 Several of the six benchmarks are in-domain for Orca 2 (their training splits are in FLAN), so test items may have
 leaked into a training file. The method:
@@ -31,26 +31,27 @@ as skipped and not checked. --write_clean DIR writes every training file under i
 flagged examples (every other line or row unchanged), and says how many were removed from each.
 """
 
-import argparse
 import json
 import os
 import re
 import tempfile
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
+import cli
 import data
-from evaluate import DEFAULT_DATA_DIR, item_text, load_benchmark
+from benchmarks import DEFAULT_DATA_DIR, item_text, load_benchmark
+from cli import UserError
 from orca2 import BENCHMARKS
 
 
 @dataclass
 class DecontaminateConfig:
-    train: list[str] = field(default_factory=list)  # training files: JSONL or parquet, any layout data.py reads
+    train: str = ""            # training files, comma-separated: JSONL or parquet, any layout data.py reads
     benchmarks: str = ",".join(BENCHMARKS)  # comma-separated names from orca2.BENCHMARKS
     out: str = "report.json"   # where the report goes
     ngram: int = 13            # words per n-gram; items shorter than this are one n-gram of their whole text
@@ -234,7 +235,7 @@ def write_clean(path: str, flagged: np.ndarray, folder: Path) -> Path:
     """A copy of a training file without the flagged records (0-based JSONL lines or parquet rows)."""
     out = folder / Path(path).name
     if out.resolve() == Path(path).resolve():
-        raise ValueError(f"--write_clean {folder} would overwrite the training file {path}; choose another folder")
+        raise UserError(f"--write_clean {folder} would overwrite the training file {path}; choose another folder")
     if Path(path).suffix == ".parquet":
         reader, row = pq.ParquetFile(path), 0
         with pq.ParquetWriter(out, reader.schema_arrow) as writer:
@@ -254,19 +255,20 @@ def write_clean(path: str, flagged: np.ndarray, folder: Path) -> Path:
 def report(cfg: DecontaminateConfig, log=print) -> dict:
     """Check cfg.train against cfg.benchmarks; write cfg.out (and the clean copies); returns the report."""
     names = [b for b in cfg.benchmarks.split(",") if b]
-    if not cfg.train or not names or set(names) - set(BENCHMARKS) or not 1 <= cfg.ngram <= 255:
-        raise ValueError(f"need --train FILE [FILE ...], --benchmarks from {','.join(BENCHMARKS)} (got "
+    train = [p for p in cfg.train.split(",") if p]
+    if not train or not names or set(names) - set(BENCHMARKS) or not 1 <= cfg.ngram <= 255:
+        raise UserError(f"need --train=FILE[,FILE...], --benchmarks from {','.join(BENCHMARKS)} (got "
                          f"{cfg.benchmarks!r}) and 1 <= --ngram <= 255 (got {cfg.ngram})")
-    for p in cfg.train:
+    for p in train:
         if not Path(p).is_file():
-            raise FileNotFoundError(f"training file {p} does not exist")
-    if cfg.write_clean and len({Path(p).name for p in cfg.train}) < len(cfg.train):
-        raise ValueError(f"--write_clean keeps file names, and two of {cfg.train} share one")
+            raise UserError(f"training file {p} does not exist")
+    if cfg.write_clean and len({Path(p).name for p in train}) < len(train):
+        raise UserError(f"--write_clean keeps file names, and two of {train} share one")
     items = [it for name in names for it in load_benchmark(name, cfg.data_dir)]
     table = benchmark_table(items, cfg.ngram)
-    files = check_files(cfg.train, table, cfg.num_workers)
+    files = check_files(train, table, cfg.num_workers)
     where = {p: ((lambda r, p=p: f"{p} row {r}") if Path(p).suffix == ".parquet" else (lambda r, p=p: f"{p}:{r + 1}"))
-             for p in cfg.train}
+             for p in train}
     found: dict[int, str] = {}
     for p, f in files.items():
         for item, record in f["items"].items():
@@ -306,15 +308,5 @@ def summary(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Which benchmark test items occur in training files (n-gram overlap).")
-    for f in fields(DecontaminateConfig):  # options map onto the dataclass, defaults come from it
-        if f.name == "train":
-            parser.add_argument("--train", nargs="+", required=True, help="training files (JSONL or parquet)")
-        else:
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
-    report(DecontaminateConfig(**vars(parser.parse_args(argv))))
-
-
 if __name__ == "__main__":
-    main()
+    cli.run(report, DecontaminateConfig, __doc__)

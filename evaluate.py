@@ -10,17 +10,14 @@ Six benchmarks (benchmarks.py), each run with the empty and the cautious system 
 card's template and decoded greedily until the tokenizer's stop ids (</s>, <|im_end|>, and <|im_start|>, which
 would open an invented next turn). Answers are read out of the free-form outputs by rules (answers.py), and the
 share of outputs that gave an answer (format-OK) is reported beside every score. Writes predictions.jsonl (one line
-per example and system message), summary.json and summary.md (our rows beside the paper's Orca 2 rows, and the
-strategy profile) into --out.
+per example and system message), summary.json and summary.md into --out: our rows beside the paper's Orca 2 rows,
+and the strategy profile (the paper's RQ2): per benchmark and system message, the shares of outputs that answer
+directly, step by step, otherwise or not at all (strategy_of), the accuracy in each group, the median output length.
 
 Through a server (--base_url): every prompt goes as the exact token ids of the local path to /v1/completions,
 greedy, with the same max_tokens and stop ids (stop_token_ids, as vLLM and SGLang accept); the generated token ids
 come back (vLLM's return_token_ids) and are decoded here exactly as local outputs are. Replies are cached in
 <out>/cache.sqlite, so an interrupted run resumes without asking again; a new checkpoint gets a new --out.
-
-Strategy profile (the paper's RQ2): per benchmark and system message, the share of outputs that answer directly
-(the answer is read on the first non-empty line), step by step (two or more non-empty lines before the line
-holding it), otherwise, or not parsed; the median output length; and the accuracy within each group.
 
 Choices where the paper is silent: --limit N keeps the first N items of every subset; AGIEval's headline is the
 mean over its 8 English multiple-choice sets; BBH's is the mean over the 23 multiple-choice/binary files (the 4
@@ -41,15 +38,17 @@ import cli
 from answers import extract, score_answer
 from benchmarks import BBH_FREE_FORM, BBH_MC, DEFAULT_DATA_DIR, load_benchmark
 from cli import UserError
+from model import ModelArgs, Transformer
 from orca2 import BENCHMARKS, PAPER_RESULTS, SYSTEM_MESSAGES, render_prompt
+from tokenizer import Tokenizer
+from weights import read_checkpoint
 
 # ---- configuration ----
 
 
 @dataclass
 class EvalConfig:
-    model: str = ""               # checkpoint folder (config.json, weights, tokenizer.model); with --base_url only
-                                  # its tokenizer and config.json are read
+    model: str = ""               # checkpoint folder (config.json, weights, tokenizer.model); --base_url: no weights
     tokenizer: str = ""           # tokenizer.model file or folder holding it; "" = the model folder
     benchmarks: str = ",".join(BENCHMARKS)  # comma-separated subset of agieval,bbh,drop,crass,race,gsm8k
     system: str = "empty,cautious"  # comma-separated system messages (orca2.SYSTEM_MESSAGES keys)
@@ -108,7 +107,8 @@ def benchmark_rows(benchmark: str, recs: list[dict]) -> tuple[float, list[list]]
         return rows[-2][2], rows
     if benchmark == "bbh":
         mc, free = [r for r in rows if r[0] in BBH_MC], [r for r in rows if r[0] in BBH_FREE_FORM]
-        rows += [macro_row(f"mean over {len(mc)} MC tasks", mc), macro_row(f"mean over {len(free)} free-form tasks", free)]
+        rows += [macro_row(f"mean over {len(mc)} MC tasks", mc),
+                 macro_row(f"mean over {len(free)} free-form tasks", free)]
         return rows[-2][2], rows
     if benchmark == "drop":
         rows = [score_row("EM", recs, "em"), score_row("F1", recs, "f1")]
@@ -138,37 +138,36 @@ def fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+def md_row(*cells) -> str:
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
 def summary_markdown(summary: dict, stats: dict) -> str:
-    """Our rows beside the paper's Orca 2 rows, then format-OK rates, then every subset."""
+    """Our rows beside the paper's Orca 2 rows, then format-OK rates, every subset, and the strategy profile."""
     names = {"agieval": "AGIEval", "bbh": "BBH", "drop": "DROP", "crass": "CRASS", "race": "RACE", "gsm8k": "GSM8K"}
-    head = "| model | " + " | ".join(names[b] for b in BENCHMARKS)
-    lines = ["## Zero-shot results (%)", "", head + " | avg |", "|---" * (len(BENCHMARKS) + 2) + "|"]
+    head = ["model", *names.values(), "avg"]
+    lines = ["## Zero-shot results (%)", "", md_row(*head), md_row(*["---"] * len(head))]
     for system, res in summary.items():
-        lines.append(f"| ours ({system} sm) | " + " | ".join(fmt(res.get(b, {}).get("score")) for b in BENCHMARKS)
-                     + f" | {fmt(res['avg'])} |")
+        scores = [res.get(b, {}).get("score") for b in BENCHMARKS] + [res["avg"]]
+        lines.append(md_row(f"ours ({system} sm)", *map(fmt, scores)))
     for name in ("Orca-2-7B", "Orca-2-7B w/ cautious sm", "Orca-2-13B", "Orca-2-13B w/ cautious sm"):
-        paper = PAPER_RESULTS[name]
-        lines.append(f"| paper: {name} | " + " | ".join(fmt(paper[b]) for b in BENCHMARKS) + f" | {fmt(paper['avg'])} |")
-    lines += ["", "## Format-OK rate (% of outputs with an extractable answer)", "", head.replace("model", "system") + " |",
-              "|---" * (len(BENCHMARKS) + 1) + "|"]
+        lines.append(md_row(f"paper: {name}", *(fmt(PAPER_RESULTS[name][b]) for b in (*BENCHMARKS, "avg"))))
+    lines += ["", "## Format-OK rate (% of outputs with an extractable answer)", "", md_row("system", *head[1:-1]),
+              md_row(*["---"] * (len(head) - 1))]
     for system, res in summary.items():
-        lines.append(f"| {system} | " + " | ".join(fmt(res.get(b, {}).get("format_ok")) for b in BENCHMARKS) + " |")
-    systems = list(summary)
-    lines += ["", "## Per subset (score %, format-OK %)", "",
-              "| benchmark | subset | n | " + " | ".join(f"{s} | {s} fmt-OK" for s in systems) + " |",
-              "|---" * (3 + 2 * len(systems)) + "|"]
+        lines.append(md_row(system, *(fmt(res.get(b, {}).get("format_ok")) for b in BENCHMARKS)))
+    head = ["benchmark", "subset", "n", *(c for s in summary for c in (s, f"{s} fmt-OK"))]
+    lines += ["", "## Per subset (score %, format-OK %)", "", md_row(*head), md_row(*["---"] * len(head))]
     for b in BENCHMARKS:
-        per_system = [{r[0]: r for r in summary[s][b]["rows"]} if b in summary[s] else {} for s in systems]
+        per_system = [{r[0]: r for r in res[b]["rows"]} if b in res else {} for res in summary.values()]
         for label in dict.fromkeys(k for p in per_system for k in p):
             n = next(p[label][1] for p in per_system if label in p)
-            cells = [f"{fmt(p[label][2])} | {fmt(p[label][3])}" if label in p else "- | -" for p in per_system]
-            lines.append(f"| {names[b]} | {label} | {n} | " + " | ".join(cells) + " |")
+            cells = [fmt(x) for p in per_system for x in (p[label][2:] if label in p else (None, None))]
+            lines.append(md_row(names[b], label, n, *cells))
     lines += profile_markdown(summary)
-    lines += ["", f"Generated {stats['new_tokens']:,} tokens for {stats['examples']:,} prompts in {stats['seconds']:.1f} s: "
-              f"{stats['tokens_per_s']:.1f} tokens/s, {stats['examples_per_s']:.2f} examples/s; "
-              f"{stats['truncated']} prompts cut to fit the context."]
+    lines += ["", "Generated {new_tokens:,} tokens for {examples:,} prompts in {seconds:.1f} s: {tokens_per_s:.1f} "
+              "tokens/s, {examples_per_s:.2f} examples/s; {truncated} prompts cut to fit the context.".format(**stats)]
     return "\n".join(lines) + "\n"
-
 
 
 def strategy_of(output: str, start: int) -> str:
@@ -192,14 +191,15 @@ def profile(recs: list[dict]) -> dict:
 
 
 def profile_markdown(summary: dict) -> list[str]:
-    lines = ["", "## Strategy profile: share of outputs % (accuracy within the group %)", "",
-             "| benchmark | system | median tokens | " + " | ".join(PROFILE) + " |", "|---" * (3 + len(PROFILE)) + "|"]
+    head = ["benchmark", "system", "median tokens", *PROFILE]
+    lines = ["", "## Strategy profile: share of outputs % (accuracy within the group %)", "", md_row(*head),
+             md_row(*["---"] * len(head))]
     for b in BENCHMARKS:
         for system, res in summary.items():
             if b in res:
                 p = res[b]["profile"]
                 cells = [f"{p[g]['share']:.1f} ({fmt(p[g]['accuracy'])})" for g in PROFILE]
-                lines.append(f"| {b} | {system} | {p['median_tokens']:.0f} | " + " | ".join(cells) + " |")
+                lines.append(md_row(b, system, f"{p['median_tokens']:g}", *cells))
     return lines
 
 
@@ -208,6 +208,8 @@ def profile_markdown(summary: dict) -> list[str]:
 
 def fit_context(ids: list[int], max_new: int, ctx: int) -> tuple[list[int], bool]:
     """Cut a prompt in the middle so that prompt + max_new tokens fit the context (keeps template start and end)."""
+    if max_new >= ctx:
+        raise UserError(f"max new tokens ({max_new}) must be below the model's context ({ctx}); lower --max_new_tokens")
     budget = ctx - max_new
     if len(ids) <= budget:
         return ids, False
@@ -220,19 +222,18 @@ def generate_local(model, prompts: list[list[int]], max_new: list[int], stop_ids
     """Greedy outputs for every prompt: batches of one max_new value, longest prompts first (little padding)."""
     order = sorted(range(len(prompts)), key=lambda i: (max_new[i], -len(prompts[i])))
     outputs: list[list[int]] = [[] for _ in prompts]
-    bar = tqdm(total=len(prompts), unit="ex", disable=not cfg.progress, dynamic_ncols=True)
     start, new_tokens, t0 = 0, 0, time.perf_counter()
-    while start < len(order):
-        batch = [i for i in order[start:start + cfg.batch_size] if max_new[i] == max_new[order[start]]]
-        with torch.inference_mode():
-            outs = model.generate([prompts[i] for i in batch], max_new[batch[0]], stop_ids=stop_ids, pad_id=pad_id)
-        for i, out in zip(batch, outs):
-            outputs[i] = out
-            new_tokens += len(out)
-        start += len(batch)
-        bar.update(len(batch))
-        bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
-    bar.close()
+    with tqdm(total=len(prompts), unit="ex", disable=not cfg.progress, dynamic_ncols=True) as bar:
+        while start < len(order):
+            batch = [i for i in order[start:start + cfg.batch_size] if max_new[i] == max_new[order[start]]]
+            with torch.inference_mode():  # returns host lists: the clock counts finished work, not queued kernels
+                outs = model.generate([prompts[i] for i in batch], max_new[batch[0]], stop_ids=stop_ids, pad_id=pad_id)
+            for i, out in zip(batch, outs):
+                outputs[i] = out
+                new_tokens += len(out)  # output tokens, stop ids not counted (as in the summary's tokens/s)
+            start += len(batch)
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
     return outputs
 
 
@@ -254,17 +255,14 @@ def generate_served(prompts: list[list[int]], max_new: list[int], stop_ids: tupl
         if reply.token_ids is None:
             raise UserError(f"{cfg.base_url} returned no token ids (it ignored return_token_ids); outputs could not "
                             "be decoded exactly as the local path does. Use vLLM >= 0.10.2 or SGLang")
-        ids = list(reply.token_ids)
-        cut = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))  # a server may return the stop id
-        outputs.append(ids[:cut])
-    print(f"served: {endpoint.stats['requests']:,} requests sent, {endpoint.stats['cache_hits']:,} answered from "
-          f"the cache")
+        ids = reply.token_ids
+        outputs.append(ids[:next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))])  # vLLM sends the stop id
+    print(f"served: {endpoint.stats['requests']:,} requests sent, {endpoint.stats['cache_hits']:,} answered from cache")
     return outputs
 
 
 def load_model(cfg: EvalConfig):
     """The checkpoint on the chosen device and dtype."""
-    from model import Transformer
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32"), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -276,34 +274,28 @@ def load_model(cfg: EvalConfig):
 
 
 def main(cfg: EvalConfig) -> dict:
-    from model import ModelArgs
-    from tokenizer import Tokenizer
-    from weights import read_checkpoint
     print("evaluate config:", json.dumps(asdict(cfg)))
-    if not cfg.model:
-        raise UserError("--model=DIR is required (a folder with config.json, the weights and tokenizer.model)")
+    if not Path(cfg.model).is_dir():
+        raise UserError(f"--model={cfg.model!r}: not a folder; give the checkpoint folder (config.json, the weights "
+                        "and tokenizer.model)")
     if cfg.base_url and not cfg.served_model:
         raise UserError("--base_url needs --served_model: the name the server gives the model")
     benchmarks, systems = cfg.benchmarks.split(","), cfg.system.split(",")
     for s in systems:
         if s not in SYSTEM_MESSAGES:
             raise UserError(f"unknown system message {s!r}; choose from {', '.join(SYSTEM_MESSAGES)}")
-    new_per_benchmark = max_new_tokens_for(cfg)
+    new_per = max_new_tokens_for(cfg)
     items = [it for b in benchmarks for it in load_benchmark(b, cfg.data_dir, cfg.limit)]  # before the model loads
-    print(f"loaded {len(items):,} items: " + ", ".join(f"{b} {sum(it.benchmark == b for it in items):,}"
-                                                       for b in benchmarks))
+    print(f"{len(items):,} items:", ", ".join(f"{b} {sum(it.benchmark == b for it in items)}" for b in benchmarks))
     tok = Tokenizer.from_pretrained(cfg.tokenizer or cfg.model)
     model = None if cfg.base_url else load_model(cfg)
     ctx = model.args.max_seq_len if model else ModelArgs.from_hf_config(read_checkpoint(cfg.model)[0]).max_seq_len
     jobs = [(it, s) for s in systems for it in items]
     prompts, max_new, cut = [], [], []
     for it, s in jobs:
-        n = new_per_benchmark[it.benchmark]
-        if n >= ctx:
-            raise UserError(f"max new tokens for {it.benchmark} ({n}) must be below the model's context ({ctx})")
-        ids, was_cut = fit_context(tok.encode_prompt(SYSTEM_MESSAGES[s], it.prompt), n, ctx)
+        ids, was_cut = fit_context(tok.encode_prompt(SYSTEM_MESSAGES[s], it.prompt), new_per[it.benchmark], ctx)
         prompts.append(ids)
-        max_new.append(n)
+        max_new.append(new_per[it.benchmark])
         cut.append(was_cut)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -315,8 +307,8 @@ def main(cfg: EvalConfig) -> dict:
     new_tokens = sum(len(o) for o in outputs)
     stats = {"examples": len(prompts), "new_tokens": new_tokens, "seconds": seconds, "truncated": sum(cut),
              "tokens_per_s": new_tokens / max(seconds, 1e-9), "examples_per_s": len(prompts) / max(seconds, 1e-9)}
-    records = []
-    with open(Path(cfg.out) / "predictions.jsonl", "w", encoding="utf-8") as f:
+    records, out_dir = [], Path(cfg.out)
+    with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
         for (it, s), ids, out, was_cut in zip(jobs, prompts, outputs, cut):
             text = tok.decode(out)
             extracted, start = extract(it, text)
@@ -328,9 +320,8 @@ def main(cfg: EvalConfig) -> dict:
             records.append(rec)
     summary = summarize(records)
     md = summary_markdown(summary, stats)
-    (Path(cfg.out) / "summary.md").write_text(md, encoding="utf-8")
-    results = {"config": asdict(cfg), "stats": stats, "results": summary}
-    (Path(cfg.out) / "summary.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "summary.md").write_text(md, encoding="utf-8")
+    (out_dir / "summary.json").write_text(json.dumps(dict(config=asdict(cfg), stats=stats, results=summary), indent=2))
     print(md)
     print(f"wrote {cfg.out}/predictions.jsonl ({len(records):,} lines), summary.md, summary.json")
     return summary

@@ -57,8 +57,9 @@ class SynthConfig:
     teacher: str = ""  # the teacher's model name on that server (part of every cache key; the data's teacher column)
     out: str = ""  # output folder: data.jsonl, strategies.json, report.md, ... and cache.sqlite
     strategies: str = ""  # comma-separated names of orca2.STRATEGIES and/or .json files {name: instruction}: the
-    # files add to the library (replacing a same-named entry), the names restrict the candidates to themselves in
-    # that order; no names: every library strategy (files' last). The order breaks ties. "" = the library
+                          # files add to the library (replacing a same-named entry), the names restrict the
+                          # candidates to themselves in that order; no names: every library strategy (files'
+                          # last). The order breaks ties. "" = the library
     select_n: int = 20  # items with a gold per group answered under every candidate to choose its strategy
     group_by: str = ""  # the field that groups items; "" = task_name or task where a row has it, else the file stem
     student: str = ""  # a student model that scores the strategies (the paper: by the student's accuracy); "" = none

@@ -1,13 +1,10 @@
 """The Orca 2 tokenizer: LLaMA-2's SentencePiece plus three added tokens, encoding by the exact rule of ORCA2.md 6.4.
 
     python tokenizer.py "What is 2+2?"        # the ids of that prompt under the template, and back to text
+    tok = Tokenizer.from_pretrained("Orca-2-7b"); ids = tok.encode_prompt(system, user)  # the release's exact ids
 
-    tok = Tokenizer.from_pretrained("Orca-2-7b")          # a model folder or a tokenizer.model file
-    ids = tok.encode_prompt(CAUTIOUS_SYSTEM_MESSAGE, "What is 2+2?")   # equals the release tokenizer's ids
-
-The template's markers (<|im_start|>, <|im_end|>) become their control ids only where the template puts them
-(Segment.marker); the same strings typed inside a user's text stay text. data.py builds training documents from
-Segments, chat.py and evaluate.py build prompts with encode_prompt.
+The template's markers (<|im_start|>, <|im_end|>) become control ids only where the template puts them
+(Segment.marker); the same strings typed inside a user's text stay text.
 """
 
 import hashlib
@@ -20,8 +17,8 @@ from typing import NamedTuple
 import sentencepiece as spm
 
 from cli import UserError
-from orca2 import (BOS, CAUTIOUS_SYSTEM_MESSAGE, EOS, FOLLOWUP, IM_END, IM_START, PAD, PROMPT, SPECIAL_IDS, UNK,
-                   is_field)
+from orca2 import (BOS, CAUTIOUS_SYSTEM_MESSAGE, EOS, FOLLOWUP, IM_END, IM_START, PAD, PROMPT, SHARED_DATA, SPECIAL_IDS,
+                   UNK, is_field)
 
 # sentencepiece has no switch for the dummy prefix, so we append a second NormalizerSpec (ModelProto field 3) holding
 # only add_dummy_prefix = false (field 3, varint 0). Protobuf merges repeated message fields: only that flag changes.
@@ -50,6 +47,17 @@ def fill(template: tuple[str, ...], values: dict[str, str], supervised: bool) ->
     if text:
         segments.append(Segment("".join(text), supervised, False))
     return segments
+
+
+def read_json_file(file: Path) -> dict:
+    """A tokenizer folder's JSON file as a dict; UserError naming the file when it is not one."""
+    try:
+        loaded = json.loads(file.read_text())
+    except (ValueError, OSError) as e:
+        raise UserError(f"{file}: not a readable JSON file ({e})") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"{file}: expected a JSON object")
+    return loaded
 
 
 class Tokenizer:
@@ -86,14 +94,17 @@ class Tokenizer:
         if not model_file.is_file():
             raise UserError(f"{model_file}: no SentencePiece model there; pass a tokenizer.model or a model folder")
         added_file, config_file = model_file.parent / "added_tokens.json", model_file.parent / "tokenizer_config.json"
-        added = json.loads(added_file.read_text()) if added_file.is_file() else None
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        added = read_json_file(added_file) if added_file.is_file() else None
+        config = read_json_file(config_file) if config_file.is_file() else {}
         pad = config.get("pad_token") or PAD
         pad = pad.get("content", PAD) if isinstance(pad, dict) else pad
         decoder = {t["content"]: int(i) for i, t in config.get("added_tokens_decoder", {}).items()}
         if added is None and IM_START in decoder:  # newer releases list added tokens only in tokenizer_config.json
             added = {s: decoder[s] for s in (PAD, IM_START, IM_END) if s in decoder}
-        return cls(model_file.read_bytes(), added, pad)
+        try:
+            return cls(model_file.read_bytes(), added, pad)
+        except RuntimeError as e:  # sentencepiece's message for bytes that are not a model: "ParseFromArray ..."
+            raise UserError(f"{model_file}: not a SentencePiece model ({str(e).strip()})") from None
 
     def save_pretrained(self, dst: Path) -> None:
         """The release's tokenizer files: SentencePiece model, added tokens, special tokens, generation settings."""
@@ -170,9 +181,9 @@ class Tokenizer:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] in ([], ["-h"], ["--help"]):
+    if sys.argv[1:2] in (["-h"], ["--help"]):
         print(__doc__)
         raise SystemExit(0)
-    tok = Tokenizer.from_pretrained(Path(__file__).resolve().parent.parent / "shared/data/llama2-tokenizer")
-    prompt = tok.encode_prompt(CAUTIOUS_SYSTEM_MESSAGE, " ".join(sys.argv[1:]))
+    tok = Tokenizer.from_pretrained(SHARED_DATA / "llama2-tokenizer")
+    prompt = tok.encode_prompt(CAUTIOUS_SYSTEM_MESSAGE, " ".join(sys.argv[1:]) or "What is 2+2?")
     print(f"{len(prompt)} ids: {prompt}\n{tok.decode(prompt)!r}\nstop ids: {tok.stop_ids}")

@@ -97,10 +97,19 @@ def read_llama2c(file: Path) -> tuple[dict, Iterator[tuple[str, torch.Tensor, Pa
     llama2.c rotates interleaved pairs (x0, x1), (x2, x3), ... while the HF layout rotates halves (x_i, x_{i+hd/2}),
     so the rows of wq and wk are permuted per head; a shared classifier (positive vocab in the header) is copied."""
     raw = file.read_bytes()
-    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = struct.unpack("7i", raw[:28])
+    if len(raw) < 28:
+        raise UserError(f"{file}: {len(raw)} bytes, too short for a llama2.c checkpoint; pass one, or a model folder")
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = header = struct.unpack("7i", raw[:28])
     shared, vocab = vocab > 0, abs(vocab)
+    # Any file has a "header": check it describes this file before any tensor is cut out of it.
+    hd = dim // n_heads if n_heads > 0 else 0
+    per_layer = 2 * dim + 2 * dim * dim + 2 * n_kv * hd * dim + 3 * hidden * dim
+    floats = vocab * dim * (1 if shared else 2) + n_layers * per_layer + dim + seq_len * hd
+    if min(header[:5] + (vocab, seq_len)) < 1 or dim % n_heads or hd % 2 or 4 * floats != len(raw) - 28:
+        raise UserError(f"{file}: not a llama2.c version-0 checkpoint (header {header} does not match its "
+                        f"{len(raw):,} bytes); pass a llama2.c .bin file or a model folder")
     flat = torch.frombuffer(bytearray(raw[28:]), dtype=torch.float32)
-    hd, offset = dim // n_heads, 0
+    offset = 0
 
     def take(*shape: int) -> torch.Tensor:
         nonlocal offset
@@ -120,8 +129,7 @@ def read_llama2c(file: Path) -> tuple[dict, Iterator[tuple[str, torch.Tensor, Pa
     take(2, seq_len, hd // 2)  # llama2.c's precomputed RoPE tables (cos, sin): model.py computes its own
     sd = {"model.embed_tokens.weight": emb, "model.norm.weight": final_norm,
           "lm_head.weight": emb if shared else take(vocab, dim)}
-    if offset != flat.numel():
-        raise UserError(f"{file}: {flat.numel() - offset} floats left over; not a llama2.c version-0 checkpoint")
+    assert offset == flat.numel(), f"{file}: {flat.numel() - offset} floats left over after the header's tensors"
     for i in range(n_layers):
         p = f"model.layers.{i}."
         sd |= {p + "input_layernorm.weight": attn_norm[i], p + "post_attention_layernorm.weight": ffn_norm[i],
@@ -143,7 +151,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict, Iterator[tuple[str, torch.T
     if not (path / "config.json").is_file():
         raise UserError(f"{path} is not a checkpoint folder: it has no config.json (expected config.json with "
                         "model.safetensors, sharded safetensors plus index, or pytorch_model*.bin)")
-    return json.loads((path / "config.json").read_text()), iter_folder(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except ValueError as e:
+        raise UserError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+    return config, iter_folder(path)
 
 
 def check_tensor(name: str, t: torch.Tensor, expected: dict[str, torch.Tensor], file: Path) -> None:

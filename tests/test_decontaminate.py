@@ -11,7 +11,7 @@ import pytest
 
 import decontaminate as dc
 from conftest import SHARED_DATA
-from evaluate import load_benchmark
+from benchmarks import load_benchmark
 
 BENCHMARKS = SHARED_DATA / "benchmarks"
 
@@ -31,7 +31,7 @@ def write_jsonl(path, records) -> str:
 
 
 def run(tmp_path, train: list[str], benchmarks: str = "gsm8k,crass,race", **kw) -> dict:
-    cfg = dc.DecontaminateConfig(**{"train": train, "benchmarks": benchmarks, "out": str(tmp_path / "report.json"),
+    cfg = dc.DecontaminateConfig(**{"train": ",".join(train), "benchmarks": benchmarks, "out": str(tmp_path / "report.json"),
                                     "data_dir": str(BENCHMARKS), "num_workers": 1, **kw})
     rep = dc.report(cfg, log=lambda _: None)
     assert json.loads((tmp_path / "report.json").read_text()) == rep
