@@ -34,12 +34,9 @@ REFUSAL = re.compile(r"\b(?:cannot|can't|can not|unable to)\s+(?:be\s+)?determin
 @functools.lru_cache(maxsize=16)  # the rules ask about the same output many times: split it once
 def hypothetical_sentences(text: str) -> list[tuple[int, int]]:
     """(start, end) of each sentence that imagines another case ("if ... would", "suppose ... could")."""
-    spans, start = [], 0
-    for end in [m.end() for m in SENTENCE_END.finditer(text)] + [len(text)]:
-        if HYPOTHETICAL.search(text, start, end) and CONDITIONAL.search(text, start, end):
-            spans.append((start, end))
-        start = end
-    return spans
+    ends = [m.end() for m in SENTENCE_END.finditer(text)] + [len(text)]
+    spans = zip([0, *ends], ends)
+    return [(s, e) for s, e in spans if HYPOTHETICAL.search(text, s, e) and CONDITIONAL.search(text, s, e)]
 
 
 def hypothetical(text: str, pos: int) -> bool:
@@ -72,11 +69,9 @@ def last_sentence(text: str) -> tuple[str, int]:
 
 def first_read(text: str, read, otherwise: tuple[str | None, int]) -> tuple[str | None, int]:
     """What read() finds after the last conclusion naming an answer, else `otherwise` (none after a refusal)."""
-    for pos in reversed(conclusions(text)):
-        found = read(*phrase_at(text, pos))
-        if found:
-            return found
-    return (None, -1) if REFUSAL.search(text) else otherwise
+    reads = (read(*phrase_at(text, pos)) for pos in reversed(conclusions(text)))  # lazily, the last first
+    found = next(filter(None, reads), None)
+    return found or ((None, -1) if REFUSAL.search(text) else otherwise)
 
 
 # ---- numbers ----
@@ -89,8 +84,8 @@ NUMBER = re.compile(  # one number as written: a LaTeX fraction, digits (sign, c
     r"\\[dt]?frac\{(?P<num>-?\d+(?:\.\d+)?)\}\{(?P<den>-?\d+(?:\.\d+)?)\}"
     r"|(?<![\w.])(?P<digits>-?[$＄€£]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+))(?!\w)"
     rf"|\b(?P<words>{WORD}(?:[\s-]+(?:and\s+)?{WORD})*)\b", re.I)
-# a clause before the answer: "After selling it for $200,000, he made a profit of $70,000"
-LEAD_CLAUSE = re.compile(r"(?:after|when|if|since|because|by|once|before|while|with)\b(?:[^,\n]|,\d{3})*,\s*", re.I)
+LEAD_CLAUSE = re.compile(  # a clause before the answer ("After selling it for $200,000, he made $70,000"), or ""
+    r"(?:(?:after|when|if|since|because|by|once|before|while|with)\b(?:[^,\n]|,\d{3})*,\s*)?", re.I)
 EXPLANATION = re.compile(r"\s\(|\s(?:because|since|as|where)\b|,\s*(?:which|who|where|because|since|as|according)\b"
                          r"|;|" + SENTENCE_END.pattern, re.I)  # where the explanation after an answer begins
 RESTATED = re.compile(r"\s\(\s*(\S+)(?:\s+[a-z]+)?\s*\)", re.I)  # "(160 minutes)": one number and its unit
@@ -128,10 +123,8 @@ def numbers_in(text: str, start: int = 0) -> list[re.Match]:
 
 def result_span(s: str) -> tuple[int, int]:
     """Where a calculation's result is in s: after its last "=" ("9 * 2 = 18"), before it in "18 = 9 * 2"."""
-    first, last = s.find("="), s.rfind("=")
-    if first < 0:
-        return 0, len(s)
-    answer_first = len(numbers_in(s[:first])) == 1 and len(numbers_in(s[last + 1:])) > 1
+    first, last = s.find("="), s.rfind("=")  # -1, -1 without one: all of s
+    answer_first = first >= 0 and len(numbers_in(s[:first])) == 1 and len(numbers_in(s[last + 1:])) > 1
     return (0, first) if answer_first else (last + 1, len(s))
 
 
@@ -141,9 +134,8 @@ def read_number(phrase: str, at: int) -> tuple[str | None, int] | None:
     main = phrase[:cut.start()] if cut else phrase
     if NUMBER_HEDGE.search(main):
         return None, -1
-    lead = LEAD_CLAUSE.match(main)
     start, end = result_span(main)
-    found = numbers_in(main[:end], max(lead.end() if lead else 0, start))
+    found = numbers_in(main[:end], max(LEAD_CLAUSE.match(main).end(), start))
     restated = RESTATED.match(phrase, cut.start()) if cut and len(found) > 1 else None  # "2 h and 40 min (160 min)"
     if restated and NUMBER.fullmatch(restated[1]):
         return number_value(NUMBER.fullmatch(restated[1])), at + restated.start(1)
@@ -170,11 +162,10 @@ def plain(s: str) -> str:
 
 def read_letter(phrase: str, at: int, letters: str, options: list[str]) -> tuple[str | None, int] | None:
     """A letter label ("(B)", "B.", "option B"), else the option the phrase is (spaces aside) or only contains."""
-    label = LABEL.match(phrase)
-    if label and (label["paren"] or label["bare"]).upper() in letters:
-        group = "paren" if label["paren"] else "bare"
+    label = LABEL.match(phrase)  # its one named group ("paren" or "bare") is the letter
+    if label and label[label.lastgroup].upper() in letters:
         hedge = LETTER_HEDGE.match(phrase, label.end())
-        return (None, -1) if hedge else (label[group].upper(), at + label.start(group))
+        return (None, -1) if hedge else (label[label.lastgroup].upper(), at + label.start(label.lastgroup))
     texts = {x: plain(o) for x, o in zip(letters, options) if plain(o).strip()}
     said = plain(phrase).replace(" ", "")
     same = [x for x, o in texts.items() if said in (o.replace(" ", ""), x.lower() + o.replace(" ", ""))]
@@ -192,11 +183,9 @@ def extract_choice(text: str, letters: str, options: list[str]) -> tuple[str | N
     hits = [(pos, found) for pos, found in hits if found]
     if hits:
         return max(hits, key=lambda h: h[0])[1]
-    listed = {}
-    for m in LISTED.finditer(text):
-        listed.setdefault(m[m.lastindex], m.start(m.lastindex))
-    if listed:
-        return next(iter(listed.items())) if len(listed) == 1 and set(listed) <= set(letters) else (None, -1)
+    listed = [(m[m.lastindex], m.start(m.lastindex)) for m in LISTED.finditer(text)]
+    if listed:  # options listed, none concluded: one letter listed (maybe often) is the answer, several are none
+        return listed[0] if len({x for x, _ in listed}) == 1 and listed[0][0] in letters else (None, -1)
     found = None if REFUSAL.search(text) else read_letter(*last_sentence(text), letters, options)
     return found or (None, -1)
 
@@ -208,16 +197,15 @@ MEANING = re.compile(r"(?P<neg>(?:\bnot|n't|\bnever)\s+)?\b(?:(?P<yes>yes|true|p
 LABEL_AFTER = re.compile(r"\s*(?:[.,;:!)\"'\]]|$|or\b)")  # "yes"/"no" stand alone as labels: "so no, we"
 
 
-def meanings(text: str, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
+def meanings(text: str, start: int, end: int) -> list[tuple[int, int]]:
     """(offset, 0 for yes / 1 for no) of every word meaning yes or no in text[start:end]."""
     out = []
-    for m in MEANING.finditer(text, start, len(text) if end is None else end):
-        word = (m["yes"] or m["no"]).lower()
-        at = m.start("yes" if m["yes"] else "no")
+    for m in MEANING.finditer(text, start, end):  # the last group matched is "yes" or "no", after "neg"
+        word = m[m.lastgroup].lower()
         if word in ("yes", "no") and not LABEL_AFTER.match(text, m.end()):
             continue
         flip = bool(m["neg"]) and word not in ("yes", "no", "true", "false")
-        out.append((at if not flip else m.start(), int(bool(m["no"])) ^ flip))
+        out.append((m.start() if flip else m.start(m.lastgroup), int(m.lastgroup == "no") ^ flip))
     return out
 
 
@@ -226,12 +214,11 @@ def extract_label(text: str, labels: list[str]) -> tuple[str | None, int]:
     def read(phrase: str, at: int) -> tuple[str | None, int] | None:
         found = meanings(text, at, at + len(phrase))
         first = bool(found) and not re.search(r"\w", text[at:found[0][0]])
-        if first and re.match(r"\w+\s+or\b", text[found[0][0]:]):
-            return None, -1
-        if first or len({v for _, v in found}) == 1:
+        hedged = first and re.match(r"\w+\s+or\b", text[found[0][0]:])  # "Yes or no", "true or false"
+        if (first or len({v for _, v in found}) == 1) and not hedged:
             return labels[found[0][1]], found[0][0]
         return (None, -1) if found else None
-    found = [(pos, v) for pos, v in meanings(text) if not hypothetical(text, pos)]
+    found = [(pos, v) for pos, v in meanings(text, 0, len(text)) if not hypothetical(text, pos)]
     return first_read(text, read, (labels[found[-1][1]], found[-1][0]) if found else (None, -1))
 
 
@@ -255,8 +242,7 @@ def read_text(phrase: str, at: int) -> tuple[str | None, int] | None:
     """The answer phrase as drop_v0_dev writes answers (see the section comment)."""
     lead = len(phrase) - len(phrase.lstrip(" \"'*"))
     head = PARENTHESIS.sub("", phrase[lead:])
-    cut = EXPLANATION.search(head)
-    head = (head[:cut.start()] if cut else head).rstrip(" \"'*.,:}$")
+    head = EXPLANATION.split(head, 1)[0].rstrip(" \"'*.,:}$")  # the explanation goes
     if TEXT_HEDGE.search(head):
         return None, -1
     start, end = result_span(head)
@@ -298,8 +284,7 @@ def extract_sequence(text: str, kind: str, task: str) -> tuple[str | None, int]:
 
 def extract(item: Item, output: str) -> tuple[str | None, int]:
     """(the answer a grader reads in the output by the item's kind, its offset in output; -1 when None)."""
-    end = END_OF_TURN.search(output)
-    text = output[:end.start()] if end else output
+    text = END_OF_TURN.split(output, 1)[0]
     # markdown bold and code marks blanked, the Unicode minus made "-": same length, so offsets stay true
     text = text.replace("**", "  ").replace("`", " ").replace("\u2212", "-")
     if item.kind == "choice":
@@ -352,14 +337,10 @@ def is_number(text: str) -> bool:
 def drop_normalize(text: str) -> str:
     """The official normalisation, token by token: lower, punctuation (not in numbers), numbers, articles."""
     out = []
-    for tok in re.split(" |-", text):  # the official tokeniser splits on spaces and hyphens only
-        tok = tok.lower()
+    for tok in re.split(" |-", text.lower()):  # the official tokeniser splits on spaces and hyphens only
         tok = tok if is_number(tok) else "".join(c for c in tok if c not in string.punctuation)
-        tok = str(float(tok)) if is_number(tok) else tok
-        tok = " ".join(ARTICLES.sub(" ", tok).split())
-        if tok:
-            out.append(tok)
-    return " ".join(out)
+        out.append(str(float(tok)) if is_number(tok) else tok)
+    return " ".join(ARTICLES.sub(" ", " ".join(out)).split())  # articles and empty tokens go, one space between
 
 
 def drop_metrics(prediction: str | None, golds: list[str]) -> tuple[float, float]:
@@ -376,7 +357,7 @@ def drop_metrics(prediction: str | None, golds: list[str]) -> tuple[float, float
             continue
         p = len(pred & bag) / len(pred) if pred else 1.0
         r = len(pred & bag) / len(bag) if bag else 1.0
-        score = 0.0 if p == r == 0.0 else 2 * p * r / (p + r)
+        score = 2 * p * r / (p + r) if p + r else 0.0
         f1 = max(f1, round(100 * score, 2) / 100)  # rounded on the official 0-100 scale
     return em, f1
 

@@ -1,15 +1,12 @@
-"""The six zero-shot benchmarks of Orca 2's evaluation (ORCA2.md 7): items, prompts and loaders, without torch.
+"""The six zero-shot benchmarks of Orca 2's evaluation (ORCA2.md 7), read from ../shared/data/benchmarks as published
+(layouts in ../shared/data/README.md): items, prompts and loaders for evaluate.py, decontaminate.py and answers.py.
 
     python benchmarks.py                      # how many items each benchmark has, and one prompt of each
-
-Shared by evaluate.py (what the model is asked), decontaminate.py (the text whose n-grams must not be trained on)
-and answers.py (the answer format of each item). The files are the ones in ../shared/data/benchmarks, as published
-(layouts in ../shared/data/README.md).
-
     items = load_benchmark("gsm8k")           # list[Item]: id, benchmark, subset, text, prompt, gold, kind, choices
 """
 
 import gzip
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -21,29 +18,20 @@ from orca2 import BENCHMARKS, SHARED_DATA
 DEFAULT_DATA_DIR = SHARED_DATA / "benchmarks"
 
 
-AGIEVAL_TASKS = ("aqua-rat", "logiqa-en", "lsat-ar", "lsat-lr", "lsat-rc", "sat-math", "sat-en", "sat-en-without-passage")
+AGIEVAL_TASKS = tuple("aqua-rat logiqa-en lsat-ar lsat-lr lsat-rc sat-math sat-en sat-en-without-passage".split())
 # BBH answer formats: binary tasks (labels in the gold's spelling), free-form tasks, lettered multiple choice.
 BBH_BINARY = {"boolean_expressions": ("True", "False"), "causal_judgement": ("Yes", "No"),
               "formal_fallacies": ("valid", "invalid"), "navigate": ("Yes", "No"),
               "sports_understanding": ("yes", "no"), "web_of_lies": ("Yes", "No")}
 BBH_FREE_FORM = {"dyck_languages": "dyck", "word_sorting": "words", "multistep_arithmetic_two": "number",
                  "object_counting": "number"}
-BBH_CHOICE = ("date_understanding", "disambiguation_qa", "geometric_shapes", "hyperbaton",
-              "logical_deduction_five_objects", "logical_deduction_seven_objects", "logical_deduction_three_objects",
-              "movie_recommendation", "penguins_in_a_table", "reasoning_about_colored_objects", "ruin_names",
-              "salient_translation_error_detection", "snarks", "temporal_sequences",
-              "tracking_shuffled_objects_five_objects", "tracking_shuffled_objects_seven_objects",
-              "tracking_shuffled_objects_three_objects")
+BBH_CHOICE = tuple("""date_understanding disambiguation_qa geometric_shapes hyperbaton logical_deduction_five_objects
+    logical_deduction_seven_objects logical_deduction_three_objects movie_recommendation penguins_in_a_table
+    reasoning_about_colored_objects ruin_names salient_translation_error_detection snarks temporal_sequences
+    tracking_shuffled_objects_five_objects tracking_shuffled_objects_seven_objects
+    tracking_shuffled_objects_three_objects""".split())
 BBH_TASKS = tuple(sorted([*BBH_BINARY, *BBH_FREE_FORM, *BBH_CHOICE]))
 BBH_MC = tuple(sorted([*BBH_BINARY, *BBH_CHOICE]))  # the 23 the BBH score averages
-BENCHMARK_FILES = {
-    "agieval": [f"agieval/{t}.jsonl" for t in AGIEVAL_TASKS],
-    "bbh": [f"bbh/{t}.json" for t in BBH_TASKS],
-    "drop": ["drop/drop_v0_dev.jsonl.gz"],
-    "crass": ["crass/CR-C_CRASS_EN.json", "crass/CR-C_CRASS_EN_gt_label.json"],
-    "race": ["race/test_high.jsonl", "race/test_middle.jsonl"],
-    "gsm8k": ["gsm8k/test.jsonl"],
-}
 # Zero-shot, no chain-of-thought trigger: one fixed sentence per answer format, naming the cue "Answer:" that
 # extraction looks for first. The paper's own prompts are not published in readable form (ORCA2.md 7).
 INSTRUCTIONS = {
@@ -68,7 +56,6 @@ class Item:
     gold: str | list[str]  # letter, label, number or string; DROP: the list of gold alternatives
     kind: str              # answer format: choice, binary, number, dyck, words, drop
     choices: list[str] = field(default_factory=list)  # option texts (choice) or labels (binary)
-    meta: dict = field(default_factory=dict)  # source fields worth keeping (upstream target, ...)
 
 
 def item_text(item: Item) -> str:
@@ -76,9 +63,9 @@ def item_text(item: Item) -> str:
     return item.text
 
 
-def make_item(item_id: str, benchmark: str, subset: str, text: str, gold, kind: str, choices=(), **meta) -> Item:
+def make_item(item_id: str, benchmark: str, subset: str, text: str, gold, kind: str, choices=()) -> Item:
     instruction = INSTRUCTIONS[kind].format(*choices) if kind == "binary" else INSTRUCTIONS[kind]
-    return Item(item_id, benchmark, subset, text, f"{text}\n\n{instruction}", gold, kind, list(choices), meta)
+    return Item(item_id, benchmark, subset, text, f"{text}\n\n{instruction}", gold, kind, list(choices))
 
 
 def mc_text(context: str | None, question: str, options: list[str]) -> str:
@@ -106,28 +93,23 @@ def load_agieval(d: Path) -> list[Item]:
 def load_bbh(d: Path) -> list[Item]:
     items = []
     for task in BBH_TASKS:
+        kind = "binary" if task in BBH_BINARY else BBH_FREE_FORM.get(task, "choice")
         for i, ex in enumerate(json.loads((d / f"bbh/{task}.json").read_text())["examples"]):
-            text, target = ex["input"], ex["target"]
-            if task in BBH_BINARY:
-                assert target in BBH_BINARY[task], f"bbh/{task}/{i}: target {target!r} not in {BBH_BINARY[task]}"
-                item = make_item(f"bbh/{task}/{i}", "bbh", task, text, target, "binary", BBH_BINARY[task])
-            elif task in BBH_FREE_FORM:
-                item = make_item(f"bbh/{task}/{i}", "bbh", task, text, target, BBH_FREE_FORM[task])
-            else:  # options are lines "(A) text" inside the input; 3 upstream targets are texts, never matched
-                opts = dict(re.findall(r"^\(([A-R])\)\s*(.*)$", text, re.M))
-                gold = target[1] if re.fullmatch(r"\([A-R]\)", target) else target
-                item = make_item(f"bbh/{task}/{i}", "bbh", task, text, gold, "choice", list(opts.values()))
-            item.meta["target"] = target
-            items.append(item)
+            text, gold, choices = ex["input"], ex["target"], BBH_BINARY.get(task, ())
+            if kind == "binary":
+                assert gold in choices, f"bbh/{task}/{i}: target {gold!r} not in {choices}"
+            elif kind == "choice":  # options are lines "(A) text" inside the input; 3 upstream targets are texts
+                choices = list(dict(re.findall(r"^\(([A-R])\)\s*(.*)$", text, re.M)).values())
+                gold = gold[1] if re.fullmatch(r"\([A-R]\)", gold) else gold
+            items.append(make_item(f"bbh/{task}/{i}", "bbh", task, text, gold, kind, choices))
     return items
 
 
 def load_drop(d: Path) -> list[Item]:
     items = []
     for i, r in enumerate(read_lines(d / "drop/drop_v0_dev.jsonl.gz")):
-        # context = "Passage: <p>\nQuestion: <q>\nAnswer:"; ref_text = gold alternatives joined by "|"
-        text = r["context"].removesuffix("\nAnswer:")
-        golds = list(dict.fromkeys(g for g in r["ref_text"].split("|") if g.strip()))  # 8 rows repeat one
+        text = r["context"].removesuffix("\nAnswer:")  # context: "Passage: <p>\nQuestion: <q>\nAnswer:"
+        golds = list(dict.fromkeys(g for g in r["ref_text"].split("|") if g.strip()))  # "a|b"; 8 rows repeat one
         items.append(make_item(f"drop/{i}", "drop", "dev", text, golds, "drop"))
     return items
 
@@ -155,8 +137,10 @@ def load_race(d: Path) -> list[Item]:
 
 
 def load_gsm8k(d: Path) -> list[Item]:
-    return [make_item(f"gsm8k/{i}", "gsm8k", "test", r["question"], r["answer"].split("####")[-1].strip().replace(",", ""),
-                      "number", solution=r["answer"]) for i, r in enumerate(read_lines(d / "gsm8k/test.jsonl"))]
+    rows = read_lines(d / "gsm8k/test.jsonl")
+    golds = [r["answer"].split("####")[-1].strip().replace(",", "") for r in rows]  # "... #### 1,000" -> "1000"
+    return [make_item(f"gsm8k/{i}", "gsm8k", "test", r["question"], gold, "number")
+            for i, (r, gold) in enumerate(zip(rows, golds))]
 
 
 LOADERS = {"agieval": load_agieval, "bbh": load_bbh, "drop": load_drop, "crass": load_crass, "race": load_race,
@@ -168,21 +152,16 @@ def load_benchmark(name: str, data_dir: str | Path = DEFAULT_DATA_DIR, limit: in
     if name not in LOADERS:
         raise UserError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
     d = Path(data_dir)
-    for rel in BENCHMARK_FILES[name]:
-        if not (d / rel).is_file():
-            raise UserError(f"{name}: expected the file {rel} under {d} (missing: {d / rel}); point "
-                                    "--data_dir at the folder holding agieval/ bbh/ drop/ crass/ race/ gsm8k/ "
-                                    "(layout in ../shared/data/README.md)")
-    items = LOADERS[name](d)
-    if limit > 0:
-        kept: dict[str, list[Item]] = {}
-        for it in items:
-            kept.setdefault(it.subset, [])
-            if len(kept[it.subset]) < limit:
-                kept[it.subset].append(it)
-        items = [it for group in kept.values() for it in group]
+    try:
+        items = LOADERS[name](d)
+    except (FileNotFoundError, IsADirectoryError) as e:  # a data file the loader reads is not in data_dir
+        raise UserError(f"{name}: expected the file {Path(e.filename).relative_to(d)} under {d} (missing: "
+                        f"{e.filename}); point --data_dir at the folder holding agieval/ bbh/ drop/ crass/ race/ "
+                        "gsm8k/ (layout in ../shared/data/README.md)") from None
+    if limit > 0:  # each loader gives a subset's items together, in file order
+        subsets = itertools.groupby(items, key=lambda it: it.subset)
+        items = [it for _, group in subsets for it in itertools.islice(group, limit)]
     return items
-
 
 
 if __name__ == "__main__":

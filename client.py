@@ -3,19 +3,13 @@
     teacher = Endpoint("https://api.openai.com/v1", "gpt-4", "runs/teacher.sqlite", desc="teacher")
     teacher.check()  # seconds, not the retry schedule: is the server there, does it take the key
     replies = teacher.run([("chat", {"messages": [...], "max_tokens": 1024, "temperature": 0.0}), ...])
+    python client.py  # 2,000 requests to a scripted LocalServer on 127.0.0.1, then the same again from the cache
 
-synth.py sends a teacher (OpenAI, or an open model under vLLM, llama.cpp, Ollama, SGLang) one chat request per item
-x strategy; evaluate.py sends vLLM completions with token-id prompts. `python client.py` sends 2,000 requests to a
-scripted LocalServer on 127.0.0.1 (the tests' kind of server), then answers them again from the cache.
-
-Cache: a request's key is the sha256 of (kind, model, body), the body holding every field sent. A good reply is
-committed to the sqlite file the moment it arrives, so a crash or kill -9 never loses a stored answer and a rerun
-sends only what is missing. Failures are never stored, nor are the API key and headers.
-
-Retries: the openai client retries 408, 409, 429, 5xx, timeouts and lost connections max_retries times, waiting
-0.5 s doubling to 8 s, or what Retry-After says. What still fails is a Failure, retried by the next run. Any other
-4xx means the server refuses this kind of request and would refuse them all: the run stops with a UserError.
-A 200 that breaks the protocol (not JSON, no choices, ...) is a Failure showing the start of what came back.
+A good reply is committed to sqlite, keyed by the sha256 of (kind, model, body), the moment it arrives: a kill -9
+loses none and a rerun sends only what is missing; the API key is never stored. The openai client retries 408, 409,
+429, 5xx, timeouts and lost connections (max_retries, 0.5 s doubling to 8 s or as Retry-After says); what still
+fails, or a 200 that breaks the protocol, is a Failure (not stored) that the next run retries. Any other 4xx would
+refuse every request alike: the run stops with a UserError.
 """
 
 import asyncio
@@ -36,7 +30,6 @@ from tqdm import tqdm
 from cli import UserError
 
 PATHS = {"chat": "/chat/completions", "completions": "/completions"}  # request kind -> where it is POSTed
-FIRST = {"chat": "messages", "completions": "prompt"}  # the field each kind's openai create() requires
 
 
 def request_key(kind: str, model: str, body: dict) -> str:
@@ -67,13 +60,9 @@ class Cache:
 
     def get_many(self, keys: list[str]) -> dict[str, dict]:
         """key -> stored reply JSON, for the keys that are stored."""
-        found = {}
-        for i in range(0, len(keys), 500):  # chunks stay under sqlite's limit on ? parameters
-            chunk = keys[i:i + 500]
-            marks = ",".join("?" * len(chunk))
-            for key, reply in self.db.execute(f"SELECT key, reply FROM replies WHERE key IN ({marks})", chunk):
-                found[key] = json.loads(reply)
-        return found
+        # the keys go in as one JSON array: no limit on the number of ? parameters to chunk around
+        query = "SELECT key, reply FROM replies WHERE key IN (SELECT value FROM json_each(?))"
+        return {key: json.loads(reply) for key, reply in self.db.execute(query, [json.dumps(keys)])}
 
     def put(self, key: str, kind: str, model: str, body: dict, reply: dict) -> None:
         """Store one successful reply; committed when this returns."""
@@ -98,7 +87,7 @@ class Failure:
     error: str  # one line: what went wrong after the retries, with the start of what came back
 
 
-def parse_reply(kind: str, data: object) -> Reply:
+def parse_reply(kind: str, data: object, cached: bool = False) -> Reply:
     """The Reply in a response's JSON; ValueError naming what breaks the protocol."""
     where = "choices[0].message.content" if kind == "chat" else "choices[0].text"
     try:
@@ -106,7 +95,7 @@ def parse_reply(kind: str, data: object) -> Reply:
         text = choice["message"]["content"] if kind == "chat" else choice["text"]
         usage = data.get("usage") or {}  # llama.cpp and vLLM send it; a server that does not counts as 0 tokens
         reply = Reply(text, str(choice.get("finish_reason") or ""), int(usage.get("prompt_tokens", 0)),
-                      int(usage.get("completion_tokens", 0)), choice.get("token_ids"), cached=False)
+                      int(usage.get("completion_tokens", 0)), choice.get("token_ids"), cached)
     except (KeyError, IndexError, TypeError, AttributeError):
         raise ValueError(f"no {where}") from None
     if not isinstance(text, str):
@@ -158,7 +147,7 @@ class Endpoint:
         """Fail in seconds when the server cannot be reached or refuses the key (a missing GET /models is fine)."""
         with openai.OpenAI(**{**self.client_options(), "max_retries": 0, "timeout": 10.0}) as client:
             try:
-                client.models.with_raw_response.list()
+                client.get("/models", cast_to=str)
             except openai.APIConnectionError as e:
                 why = f"cannot connect ({one_line(e.__cause__ or e.message)})"
                 raise UserError(f"{self.base_url}: {why}; start the server or fix --base_url") from None
@@ -173,64 +162,55 @@ class Endpoint:
         """Replies in request order: cached ones at once, the rest sent; None for those max_new (> 0) left unsent."""
         start = time.time()
         keys = [request_key(kind, self.model, body) for kind, body in requests]
-        stored = self.cache.get_many(keys)
-        results: list[Reply | Failure | None] = [None] * len(requests)
-        first_of: dict[str, int] = {}  # key -> the request sent for it: identical requests share one reply
-        for i, (kind, body) in enumerate(requests):
+        unique = dict(zip(keys, requests))  # identical requests are sent once and share one reply
+        for kind, body in unique.values():
             assert kind in PATHS, f"request kind must be one of {list(PATHS)}, got {kind!r}"
             assert body.get("n", 1) == 1 and not body.get("stream"), "one sample per request: no n > 1, no stream"
-            if keys[i] in stored:
-                results[i] = parse_reply(kind, stored[keys[i]])
-                results[i].cached = True
-            else:
-                first_of.setdefault(keys[i], i)
-        todo = list(first_of.values())
-        todo = todo[:max_new] if max_new > 0 else todo
-        hits = len(requests) - len(first_of)
+        stored = self.cache.get_many(list(unique))
+        replies = {key: parse_reply(unique[key][0], data, cached=True) for key, data in stored.items()}
+        missing = [key for key in unique if key not in replies]
+        hits = len(requests) - len(missing)
         self.stats["cache_hits"] += hits
         bar = tqdm(total=len(requests), initial=hits, unit="req", desc=self.desc, disable=not self.progress)
         try:
-            asyncio.run(self.send_all(requests, keys, todo, results, bar))
+            asyncio.run(self.send_all(unique, missing[:max_new or None], replies, bar))
         finally:  # Ctrl-C included: every reply put so far is committed
             bar.close()
             self.stats["seconds"] += time.time() - start
-        for i, key in enumerate(keys):  # a repeated request gets the reply of the one that was sent
-            results[i] = results[first_of.get(key, i)]
-        return results
+        return [replies.get(key) for key in keys]
 
-    async def send_all(self, requests, keys, todo, results, bar) -> None:
-        """Send the todo requests, at most concurrency at once, caching each reply as it arrives."""
-        client = openai.AsyncOpenAI(**self.client_options())  # one per event loop: its connections belong to the loop
-        semaphore = asyncio.Semaphore(self.concurrency)
+    async def send_all(self, unique: dict, todo: list[str], replies: dict, bar: tqdm) -> None:
+        """Send the todo requests, at most concurrency at once, caching each good reply as it arrives."""
+        pending = iter(todo)  # shared by the workers: each takes the next request as soon as it is free
 
-        async def one(i: int) -> None:
-            async with semaphore:
-                results[i] = await self.send(client, keys[i], *requests[i])
-            self.stats["requests"] += 1
-            self.stats["failures"] += isinstance(results[i], Failure)
-            self.stats["prompt_tokens"] += getattr(results[i], "prompt_tokens", 0)
-            self.stats["completion_tokens"] += getattr(results[i], "completion_tokens", 0)
-            tokens = self.stats["prompt_tokens"] + self.stats["completion_tokens"]
-            bar.set_postfix(tokens=str(tokens), failures=self.stats["failures"], refresh=False)
-            bar.update(1)  # tqdm's req/s and ETA count only these, not the cache hits it started with
+        async def worker(client: openai.AsyncOpenAI) -> None:
+            for key in pending:
+                reply = await self.send(client, key, *unique[key])
+                replies[key] = reply
+                self.stats["requests"] += 1
+                self.stats["failures"] += isinstance(reply, Failure)
+                self.stats["prompt_tokens"] += getattr(reply, "prompt_tokens", 0)
+                self.stats["completion_tokens"] += getattr(reply, "completion_tokens", 0)
+                tokens = self.stats["prompt_tokens"] + self.stats["completion_tokens"]
+                bar.set_postfix(tokens=str(tokens), failures=self.stats["failures"], refresh=False)
+                bar.update(1)  # tqdm's req/s and ETA count only these, not the cache hits it started with
 
-        tasks = [asyncio.create_task(one(i)) for i in todo]
-        try:
-            await asyncio.gather(*tasks)
-        finally:  # a UserError or Ctrl-C cancels the rest at once; nothing half-received is stored
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await client.close()
+        async with openai.AsyncOpenAI(**self.client_options()) as client:  # one per loop: its connections belong to it
+            tasks = [asyncio.create_task(worker(client)) for _ in range(self.concurrency)]
+            try:
+                await asyncio.gather(*tasks)
+            finally:  # a UserError or Ctrl-C cancels the rest at once; nothing half-received is stored
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
 
     async def send(self, client: openai.AsyncOpenAI, key: str, kind: str, body: dict) -> Reply | Failure:
         """One request through the client's retries; a good reply is in the cache before this returns."""
         url = self.base_url + PATHS[kind]
-        create = (client.chat.completions if kind == "chat" else client.completions).with_raw_response.create
         try:
-            # extra_body overrides the SDK's typed copy of each field, so the body goes out exactly as given (vLLM's
-            # extra fields too); the raw response lets us check the protocol and read fields the SDK does not know
-            raw = await create(model=self.model, **{FIRST[kind]: openai.NOT_GIVEN}, extra_body=body)
+            # the body goes out exactly as given (vLLM's extra fields too) and comes back as text: we check the
+            # protocol ourselves and read fields the SDK does not know
+            text = await client.post(PATHS[kind], body={"model": self.model, **body}, cast_to=str)
         except openai.APIStatusError as e:
             if e.status_code in (401, 403):
                 raise UserError(self.key_refused(e)) from None
@@ -241,7 +221,6 @@ class Endpoint:
             return Failure(f"{url}: HTTP {e.status_code} after retries: {one_line(e.message)}")
         except openai.APIConnectionError as e:
             return Failure(f"{url}: {e.message} {one_line(e.__cause__ or '')} after retries")
-        text = raw.http_response.text
         try:
             data = json.loads(text)
             reply = parse_reply(kind, data)
@@ -255,19 +234,13 @@ class Endpoint:
 # ---- a local server ----
 
 class Handler(BaseHTTPRequestHandler):
-    """Answers a POST with the server's respond(path, body) and GET .../models with an empty list."""
+    """Answers a POST with the server's respond(path, body); a GET gets 501, which check() accepts."""
     protocol_version = "HTTP/1.1"  # keep-alive: clients reuse a connection rather than open one per request
     disable_nagle_algorithm = True  # headers and body are two writes: send the second without waiting for an ACK
 
-    def do_GET(self):
-        found = self.path.rstrip("/").endswith("/models")
-        self.answer(200 if found else 404, {"data": []} if found else {"error": {"message": "not found"}}, {})
-
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-        self.answer(*self.server.respond(self.path, body))
-
-    def answer(self, status: int, reply: dict | str, headers: dict) -> None:
+        status, reply, headers = self.server.respond(self.path, body)
         data = (reply if isinstance(reply, str) else json.dumps(reply)).encode()
         self.send_response(status)
         for name, value in {"Content-Type": "application/json", "Content-Length": len(data), **headers}.items():
@@ -298,14 +271,12 @@ class LocalServer(ThreadingHTTPServer):
         threading.Thread(target=self.serve_forever, daemon=True).start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, *exc) -> None:
         self.shutdown()
         self.server_close()
 
     __enter__ = start
-
-    def __exit__(self, *exc):
-        self.stop()
+    __exit__ = stop  # a with block stops it however it ends
 
 
 if __name__ == "__main__":

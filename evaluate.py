@@ -6,23 +6,20 @@
     python evaluate.py --model=DIR --base_url=http://127.0.0.1:8000/v1 --served_model=orca2 --concurrency=256
     python evaluate.py --help                                         # every option with its default
 
-Six benchmarks (benchmarks.py), each run with the empty and the cautious system message, rendered with the model
-card's template and decoded greedily until the tokenizer's stop ids (</s>, <|im_end|>, and <|im_start|>, which
-would open an invented next turn). Answers are read out of the free-form outputs by rules (answers.py), and the
-share of outputs that gave an answer (format-OK) is reported beside every score. Writes predictions.jsonl (one line
-per example and system message), summary.json and summary.md into --out: our rows beside the paper's Orca 2 rows,
-and the strategy profile (the paper's RQ2): per benchmark and system message, the shares of outputs that answer
-directly, step by step, otherwise or not at all (strategy_of), the accuracy in each group, the median output length.
+Every item (benchmarks.py) runs with each system message, in the model card's template, decoded greedily until </s>,
+<|im_end|> or <|im_start|> (an invented next turn); answers are read by rules (answers.py; DROP is scored as
+simple-evals scores it). --out gets predictions.jsonl (a line per item and system message), summary.json and
+summary.md: our scores beside the paper's, the share of outputs that gave an answer (format-OK), and the strategy
+profile (RQ2): the shares answering directly, step by step, otherwise or not at all, each group's accuracy, the
+median output length.
 
-Through a server (--base_url): every prompt goes as the exact token ids of the local path to /v1/completions,
-greedy, with the same max_tokens and stop ids (stop_token_ids, as vLLM and SGLang accept); the generated token ids
-come back (vLLM's return_token_ids) and are decoded here exactly as local outputs are. Replies are cached in
-<out>/cache.sqlite, so an interrupted run resumes without asking again; a new checkpoint gets a new --out.
+Served (--base_url), the local path's exact token ids go to /v1/completions (greedy, the same max_tokens and stop
+ids as stop_token_ids) and token ids come back (vLLM's return_token_ids), decoded as local outputs are. Replies are
+cached in <out>/cache.sqlite, so a rerun resumes; a new checkpoint needs a new --out.
 
-Choices where the paper is silent: --limit N keeps the first N items of every subset; AGIEval's headline is the
-mean over its 8 English multiple-choice sets; BBH's is the mean over the 23 multiple-choice/binary files (the 4
-free-form tasks are reported apart); RACE's is pooled over high and middle; DROP is scored as OpenAI simple-evals
-scores drop_v0_dev (answers.py); prompts longer than the context minus the new tokens are cut in the middle.
+Where the paper is silent: --limit N keeps the first N items of every subset; AGIEval's headline is the mean over
+its 8 English multiple-choice sets, BBH's the mean over the 23 multiple-choice/binary tasks (the 4 free-form apart),
+RACE's is pooled over high and middle; prompts longer than the context minus the new tokens are cut in the middle.
 """
 
 import json
@@ -74,8 +71,7 @@ def max_new_tokens_for(cfg: EvalConfig) -> dict[str, int]:
     for entry in filter(None, cfg.max_new_tokens_per.split(",")):
         name, _, n = entry.partition("=")
         if name not in out or not n.isdigit():
-            raise UserError(f"--max_new_tokens_per entries look like gsm8k=512 (benchmarks {BENCHMARKS}); "
-                            f"got {entry!r}")
+            raise UserError(f"--max_new_tokens_per entry {entry!r}: write it like gsm8k=512 (benchmarks {BENCHMARKS})")
         out[name] = int(n)
     return out
 
@@ -104,18 +100,16 @@ def benchmark_rows(benchmark: str, recs: list[dict]) -> tuple[float, list[list]]
     rows = [score_row(s, rs) for s, rs in subsets.items()]
     if benchmark == "agieval":
         rows += [macro_row("mean over sets", rows), score_row("pooled", recs)]
-        return rows[-2][2], rows
-    if benchmark == "bbh":
+    elif benchmark == "bbh":
         mc, free = [r for r in rows if r[0] in BBH_MC], [r for r in rows if r[0] in BBH_FREE_FORM]
         rows += [macro_row(f"mean over {len(mc)} MC tasks", mc),
                  macro_row(f"mean over {len(free)} free-form tasks", free)]
-        return rows[-2][2], rows
-    if benchmark == "drop":
+    elif benchmark == "drop":
         rows = [score_row("EM", recs, "em"), score_row("F1", recs, "f1")]
-        return rows[1][2], rows
-    if benchmark == "race":
+    elif benchmark == "race":
         rows.append(score_row("pooled", recs))
-    return rows[-1][2], rows
+    headline = rows[-2] if benchmark in ("agieval", "bbh") else rows[-1]  # mean over sets; F1; pooled; the only one
+    return headline[2], rows
 
 
 def summarize(records: list[dict]) -> dict:
@@ -164,15 +158,22 @@ def summary_markdown(summary: dict, stats: dict) -> str:
             n = next(p[label][1] for p in per_system if label in p)
             cells = [fmt(x) for p in per_system for x in (p[label][2:] if label in p else (None, None))]
             lines.append(md_row(names[b], label, n, *cells))
-    lines += profile_markdown(summary)
+    head = ["benchmark", "system", "median tokens", *PROFILE]
+    lines += ["", "## Strategy profile: share of outputs % (accuracy within the group %)", "", md_row(*head),
+              md_row(*["---"] * len(head))]
+    for b in BENCHMARKS:
+        for system, res in summary.items():
+            if b in res:
+                p = res[b]["profile"]
+                cells = [f"{p[g]['share']:.1f} ({fmt(p[g]['accuracy'])})" for g in PROFILE]
+                lines.append(md_row(b, system, f"{p['median_tokens']:g}", *cells))
     lines += ["", "Generated {new_tokens:,} tokens for {examples:,} prompts in {seconds:.1f} s: {tokens_per_s:.1f} "
               "tokens/s, {examples_per_s:.2f} examples/s; {truncated} prompts cut to fit the context.".format(**stats)]
     return "\n".join(lines) + "\n"
 
 
 def strategy_of(output: str, start: int) -> str:
-    """How an output reached its answer: "direct" (read on the first non-empty line), "step by step" (two or more
-    non-empty lines before the line holding it), "other", or "not parsed"."""
+    """How it answered: "direct" (first non-empty line), "step by step" (2+ lines above), "other", "not parsed"."""
     if start < 0:
         return "not parsed"
     before = [line for line in output[:start].split("\n")[:-1] if line.strip()]  # whole lines above the answer's
@@ -188,19 +189,6 @@ def profile(recs: list[dict]) -> dict:
     return {"median_tokens": statistics.median(r["new_tokens"] for r in recs),
             **{g: {"share": 100 * len(rs) / len(recs), "accuracy": 100 * avg(r["correct"] for r in rs) if rs else None}
                for g, rs in groups.items()}}
-
-
-def profile_markdown(summary: dict) -> list[str]:
-    head = ["benchmark", "system", "median tokens", *PROFILE]
-    lines = ["", "## Strategy profile: share of outputs % (accuracy within the group %)", "", md_row(*head),
-             md_row(*["---"] * len(head))]
-    for b in BENCHMARKS:
-        for system, res in summary.items():
-            if b in res:
-                p = res[b]["profile"]
-                cells = [f"{p[g]['share']:.1f} ({fmt(p[g]['accuracy'])})" for g in PROFILE]
-                lines.append(md_row(b, system, f"{p['median_tokens']:g}", *cells))
-    return lines
 
 
 # ---- generation: local, or through a serving engine ----
@@ -221,20 +209,19 @@ def generate_local(model, prompts: list[list[int]], max_new: list[int], stop_ids
                    cfg: EvalConfig) -> list[list[int]]:
     """Greedy outputs for every prompt: batches of one max_new value, longest prompts first (little padding)."""
     order = sorted(range(len(prompts)), key=lambda i: (max_new[i], -len(prompts[i])))
-    outputs: list[list[int]] = [[] for _ in prompts]
+    outputs: dict[int, list[int]] = {}
     start, new_tokens, t0 = 0, 0, time.perf_counter()
     with tqdm(total=len(prompts), unit="ex", disable=not cfg.progress, dynamic_ncols=True) as bar:
         while start < len(order):
             batch = [i for i in order[start:start + cfg.batch_size] if max_new[i] == max_new[order[start]]]
             with torch.inference_mode():  # returns host lists: the clock counts finished work, not queued kernels
                 outs = model.generate([prompts[i] for i in batch], max_new[batch[0]], stop_ids=stop_ids, pad_id=pad_id)
-            for i, out in zip(batch, outs):
-                outputs[i] = out
-                new_tokens += len(out)  # output tokens, stop ids not counted (as in the summary's tokens/s)
+            outputs.update(zip(batch, outs))
+            new_tokens += sum(len(out) for out in outs)  # output tokens, stop ids not counted (as in the summary)
             start += len(batch)
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
-    return outputs
+    return [outputs[i] for i in range(len(prompts))]
 
 
 def generate_served(prompts: list[list[int]], max_new: list[int], stop_ids: tuple[int, ...],
@@ -291,33 +278,29 @@ def main(cfg: EvalConfig) -> dict:
     model = None if cfg.base_url else load_model(cfg)
     ctx = model.args.max_seq_len if model else ModelArgs.from_hf_config(read_checkpoint(cfg.model)[0]).max_seq_len
     jobs = [(it, s) for s in systems for it in items]
-    prompts, max_new, cut = [], [], []
-    for it, s in jobs:
-        ids, was_cut = fit_context(tok.encode_prompt(SYSTEM_MESSAGES[s], it.prompt), new_per[it.benchmark], ctx)
-        prompts.append(ids)
-        max_new.append(new_per[it.benchmark])
-        cut.append(was_cut)
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    max_new = [new_per[it.benchmark] for it, _ in jobs]
+    encoded = [tok.encode_prompt(SYSTEM_MESSAGES[s], it.prompt) for it, s in jobs]
+    fitted = [fit_context(ids, n, ctx) for ids, n in zip(encoded, max_new)]  # (ids, whether cut to fit)
+    prompts = [ids for ids, _ in fitted]
+    out_dir = Path(cfg.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if model is None:
-        outputs = generate_served(prompts, max_new, tok.stop_ids, cfg)
-    else:
-        outputs = generate_local(model, prompts, max_new, tok.stop_ids, tok.pad_id, cfg)
-    seconds = time.perf_counter() - t0
+    outputs = (generate_served(prompts, max_new, tok.stop_ids, cfg) if model is None
+               else generate_local(model, prompts, max_new, tok.stop_ids, tok.pad_id, cfg))
+    seconds = max(time.perf_counter() - t0, 1e-9)  # it divides below
     new_tokens = sum(len(o) for o in outputs)
-    stats = {"examples": len(prompts), "new_tokens": new_tokens, "seconds": seconds, "truncated": sum(cut),
-             "tokens_per_s": new_tokens / max(seconds, 1e-9), "examples_per_s": len(prompts) / max(seconds, 1e-9)}
-    records, out_dir = [], Path(cfg.out)
-    with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
-        for (it, s), ids, out, was_cut in zip(jobs, prompts, outputs, cut):
-            text = tok.decode(out)
-            extracted, start = extract(it, text)
-            rec = {"benchmark": it.benchmark, "subset": it.subset, "id": it.id, "system": s,
-                   "prompt": render_prompt(SYSTEM_MESSAGES[s], it.prompt), "output": text, "extracted": extracted,
-                   "gold": it.gold, **score_answer(it, extracted), "strategy": strategy_of(text, start),
-                   "prompt_tokens": len(ids), "prompt_cut": was_cut, "new_tokens": len(out)}
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            records.append(rec)
+    stats = dict(examples=len(prompts), new_tokens=new_tokens, seconds=seconds, truncated=sum(c for _, c in fitted),
+                 tokens_per_s=new_tokens / seconds, examples_per_s=len(prompts) / seconds)
+    records = []
+    for (it, s), (ids, was_cut), out in zip(jobs, fitted, outputs):
+        text = tok.decode(out)
+        extracted, start = extract(it, text)
+        records.append({"benchmark": it.benchmark, "subset": it.subset, "id": it.id, "system": s,
+                        "prompt": render_prompt(SYSTEM_MESSAGES[s], it.prompt), "output": text, "extracted": extracted,
+                        "gold": it.gold, **score_answer(it, extracted), "strategy": strategy_of(text, start),
+                        "prompt_tokens": len(ids), "prompt_cut": was_cut, "new_tokens": len(out)})
+    lines = [json.dumps(rec, ensure_ascii=False) + "\n" for rec in records]
+    (out_dir / "predictions.jsonl").write_text("".join(lines), encoding="utf-8")
     summary = summarize(records)
     md = summary_markdown(summary, stats)
     (out_dir / "summary.md").write_text(md, encoding="utf-8")

@@ -1,24 +1,18 @@
 """LLaMA-2 / Orca 2 in one file: the network, packed attention, batched generation, loading and saving.
 
-Run it:
     python model.py                                       # tiny demo: initial loss ~ ln(vocab), packing, generation
     python model.py convert SRC DST --dtype=bfloat16 --max_shard_size=5GB   # .bin/safetensors folder -> safetensors
-
-Use it:
     model = Transformer.from_pretrained("Orca-2-7b", dtype=torch.bfloat16)   # the released folder, unchanged
     logits = model(input_ids, position_ids)                                   # packed rows: docs start where pos == 0
     new_tokens = model.generate([[1, ...], [1, ...]], max_new_tokens=256)
 
 Notable features:
-- RMSNorm (pre-norm), rotary embeddings in the rotate-half form of the released checkpoints (no weight permutes),
-  grouped-query attention (LLaMA-2-70B), SwiGLU feed-forward, untied input/output embeddings, no biases.
+- RMSNorm (pre-norm), rotate-half RoPE as in the released checkpoints (no weight permutes), grouped-query
+  attention (LLaMA-2-70B), SwiGLU feed-forward, untied input/output embeddings, no biases.
 - Parameter names are exactly the Hugging Face `LlamaForCausalLM` names, so loading is a strict load_state_dict.
-- Packed sequences: attention never crosses a document boundary, and its cost is sum(L_i^2), not T^2
-  (documents of equal length are batched into one attention call). A dense block-diagonal mask path is kept
-  as the reference.
-- Reads config.json (old and new layouts), safetensors (single or sharded), the release's fp32 PyTorch .bin
-  shards with safe unpickling, and llama2.c checkpoints (file formats: weights.py); tensors are cast one at a
-  time into a meta-built model.
+- Packed sequences: attention never crosses a document boundary and costs sum(L_i^2), not T^2; a dense
+  block-diagonal mask path is kept as the reference.
+- Loads what weights.py reads (safetensors, the release's .bin, llama2.c) one tensor at a time into a meta model.
 
 Notation for shape comments: B batch, T sequence length, S cache length, C model dim, nh query heads,
 nkv key/value heads, hd head dim, V vocabulary, N documents of one length L.
@@ -57,7 +51,8 @@ class ModelArgs:
 
     def __post_init__(self):
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
-            raise UserError(f"dim ({self.dim}) must divide by n_heads ({self.n_heads}) and n_heads by n_kv_heads ({self.n_kv_heads})")
+            raise UserError(f"dim {self.dim} must divide by n_heads {self.n_heads}, and n_heads by n_kv_heads "
+                            f"{self.n_kv_heads}")
 
     @property
     def head_dim(self) -> int:
@@ -72,16 +67,14 @@ class ModelArgs:
     @classmethod
     def from_hf_config(cls, cfg: dict, where: str = "config.json") -> "ModelArgs":
         """Read a Hugging Face LLaMA config.json (old top-level rope_theta or new nested rope_parameters)."""
-        if cfg.get("model_type", "llama") != "llama":
-            raise UserError(f"{where}: model_type is {cfg.get('model_type')!r}, only 'llama' is supported")
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise UserError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (LLaMA uses 'silu')")
-        for key in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
-            if cfg.get(key):
-                raise UserError(f"{where}: {key}=true is not supported (LLaMA-2 has no biases and untied embeddings)")
+        llama = {"model_type": "llama", "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+                 "tie_word_embeddings": False}
+        for key, value in llama.items():
+            if cfg.get(key, value) != value:
+                raise UserError(f"{where}: {key}={cfg[key]!r} is not supported; LLaMA-2 has {key}={value!r}")
         rope = cfg.get("rope_parameters") or {}
-        scaling = cfg.get("rope_scaling")
-        rope_type = rope.get("rope_type") or (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+        scaling = cfg.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
         if rope_type != "default":
             raise UserError(f"{where}: rope scaling {rope_type!r} is not implemented; only plain RoPE (LLaMA-2) is")
         theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
@@ -94,7 +87,7 @@ class ModelArgs:
         except KeyError as e:
             raise UserError(f"{where}: missing key {e.args[0]!r}") from None
         if cfg.get("head_dim", args.head_dim) != args.head_dim:
-            raise UserError(f"{where}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads = {args.head_dim}")
+            raise UserError(f"{where}: head_dim {cfg['head_dim']} != hidden_size/num_attention_heads = {args.head_dim}")
         return args
 
     def to_hf_config(self, dtype: torch.dtype = torch.float32) -> dict:
@@ -153,21 +146,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """Grouped-query attention: KV head j serves query heads j*n_rep ... j*n_rep + n_rep - 1."""
-    if n_rep == 1:
-        return x
     B, nkv, T, hd = x.shape
     return x[:, :, None].expand(B, nkv, n_rep, T, hd).reshape(B, nkv * n_rep, T, hd)  # (B, nh, T, hd)
 
 
 class DocLayout:
-    """Where the documents of a packed batch lie, computed once per forward and shared by every layer.
-
-    A document starts wherever position_ids is 0 (and at the start of each row). Documents of equal length L are
-    stacked into one (N, L) batch for one causal attention call, so the cost is sum(L_i^2), never T^2."""
+    """Where the documents of a packed batch lie (a document starts where position_ids is 0 and at each row's start);
+    computed once per forward and shared by every layer."""
 
     def __init__(self, position_ids: torch.Tensor):
         B, T = position_ids.shape
-        pos = position_ids.reshape(-1)
+        pos = position_ids.reshape(-1)  # (B*T,)
         is_start = pos == 0
         is_start[:: T] = True  # every row starts a document
         starts = is_start.nonzero().squeeze(1)
@@ -179,11 +168,8 @@ class DocLayout:
             bad = (pos != expected).nonzero()[0].item()
             raise ValueError(f"position_ids must restart at 0 for each document and count up by 1 within it; "
                              f"row {bad // T}, column {bad % T} has {pos[bad].item()}, expected {expected[bad].item()}")
-        self.lengths = lengths.tolist()  # document lengths in token order (B*T in all)
-        by_length: dict[int, list[int]] = {}
-        for i, n in enumerate(self.lengths):
-            by_length.setdefault(n, []).append(i)
-        self.groups = list(by_length.values())  # document indices, one list per distinct length
+        self.lengths = lengths.tolist()  # document lengths in token order; groups: their indices, by length
+        self.groups = [[i for i, n in enumerate(self.lengths) if n == L] for L in dict.fromkeys(self.lengths)]
 
 
 class Attention(nn.Module):
@@ -208,16 +194,14 @@ class Attention(nn.Module):
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, nh, S, hd)
         if layout is not None:
             y = packed_attention(q, k, v, layout)
-        elif mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # the given mask (generation, the dense reference), else causal over the whole row
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.o_proj(y)
 
 
 def packed_attention(q, k, v, layout: DocLayout) -> torch.Tensor:
-    """Causal attention inside each document only; one SDPA call per distinct document length.
+    """Causal attention inside each document only; documents of equal length L share one SDPA call on (N, L).
 
     Documents are cut with split/stack/unbind/cat, whose backward passes are as cheap as their forward (slicing
     or index_select would write a full-size gradient per document)."""
@@ -286,11 +270,9 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(args.vocab_size, args.dim),
-            layers=nn.ModuleList(Block(args) for _ in range(args.n_layers)),
-            norm=RMSNorm(args.dim, args.norm_eps),
-        ))
+        self.model = nn.ModuleDict(dict(embed_tokens=nn.Embedding(args.vocab_size, args.dim),
+                                        layers=nn.ModuleList(Block(args) for _ in range(args.n_layers)),
+                                        norm=RMSNorm(args.dim, args.norm_eps)))
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         # "packed": per-document attention when position_ids is given; "dense": the block-diagonal mask reference.
         self.attn_impl = "packed"
@@ -298,42 +280,43 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02):
         """Random init for training from scratch (kept out of __init__ so meta-device construction stays free)."""
-        params = dict(self.named_parameters())
-        for name, t in init_tensors(self, seed, std):
-            params[name].copy_(t)
+        for p, (_, t) in zip(self.parameters(), init_tensors(self, seed, std)):
+            p.copy_(t)
 
-    @staticmethod
-    def meta_state(args: ModelArgs) -> dict[str, torch.Tensor]:
-        """Names and shapes of every parameter, without memory: what a checkpoint must hold."""
+    @classmethod
+    def read_checked(cls, path: str | Path) -> tuple[dict, "Transformer", Iterator[tuple[str, torch.Tensor]]]:
+        """config.json, the model it describes (on the meta device), and the checkpoint's tensors checked against it."""
+        config, tensors = read_checkpoint(path)
         with torch.device("meta"):
-            return Transformer(args).state_dict()
+            model = cls(ModelArgs.from_hf_config(config, f"{path}/config.json"))
+        expected = model.state_dict()  # names and shapes, without memory
+
+        def checked():
+            for name, t, file in tensors:
+                check_tensor(name, t, expected, file)
+                del expected[name]  # what is left at the end is missing
+                yield name, t
+            if expected:
+                raise UserError(f"{path}: {len(expected)} parameters are missing from the checkpoint, "
+                                f"e.g. {list(expected)[:3]}")
+        return config, model, checked()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None) -> "Transformer":
         """Load an HF LLaMA folder (or a llama2.c .bin) strictly: every parameter, right shapes, nothing else.
 
-        The model is built on the meta device; tensors are cast one by one into `dtype` (default float32, never
-        taken from config.json's torch_dtype) on `device` (default cpu), shard by shard, so the peak is the model in
-        `dtype` plus the shard being read (memory-mapped)."""
-        config, tensors = read_checkpoint(path)
-        args = ModelArgs.from_hf_config(config, f"{path}/config.json")
+        Tensors are cast one at a time into `dtype` (default float32, never config.json's torch_dtype) on `device`
+        (default cpu), so the peak is the model plus the shard being read."""
+        config, model, tensors = cls.read_checked(path)
         dtype, device = dtype or torch.float32, torch.device(device or "cpu")
         stored = config.get("torch_dtype", config.get("dtype"))  # older and newer spellings of the same key
         if stored not in (None, str(dtype).removeprefix("torch.")):
             print(f"from_pretrained: {Path(path).name} is stored as {stored}; loading as {dtype} as asked")
         if config.get("pad_token_id") is not None:  # Orca-2-13b says 0 while its tokenizer pads with [PAD] = 32000
             print(f"from_pretrained: config.json's pad_token_id={config['pad_token_id']} is not used; padding "
-                  "follows the tokenizer, and generation stops on the tokenizer's stop ids")
-        expected, state = cls.meta_state(args), {}
-        for name, t, file in tensors:
-            check_tensor(name, t, expected, file)
-            state[name] = t.to(device=device, dtype=dtype, copy=True)
-        missing = [k for k in expected if k not in state]
-        if missing:
-            raise UserError(f"{path}: {len(missing)} parameters are missing from the checkpoint, e.g. {missing[:3]}")
-        with torch.device("meta"):
-            model = cls(args)
+                  "and stop ids follow the tokenizer")
+        state = {name: t.to(device=device, dtype=dtype, copy=True) for name, t in tensors}
         model.load_state_dict(state, strict=True, assign=True)
         return model
 
@@ -347,11 +330,10 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 logits_at: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 caches: list[KVCache] | None = None, cache_pos: int = 0):
-        """Logits (B, T, V). With position_ids, each row is a packed batch of documents starting where pos == 0.
+        """Logits (B, T, V); with position_ids, each row packs documents that start where pos == 0.
 
-        logits_at, a (B, T) boolean mask, returns only the logits there, (N, V): training needs them at the
-        teacher's tokens only, generation at the last position, and the output layer is the costliest part of a
-        small model. mask / caches / cache_pos are for generate(): a (B, 1, T, S) boolean mask and the KV caches."""
+        logits_at, a (B, T) boolean mask, keeps only the logits there, (N, V): training needs only the teacher's
+        tokens, and the output layer is the costliest part of a small model. mask, caches, cache_pos: for generate()."""
         if caches is None:
             self.check_inputs(input_ids, position_ids)
         B, T = input_ids.shape
@@ -360,10 +342,8 @@ class Transformer(nn.Module):
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         elif mask is None and self.attn_impl == "packed":
             layout = DocLayout(position_ids)
-        elif mask is None and self.attn_impl == "dense":
+        elif mask is None:  # attn_impl "dense"
             mask = block_diagonal_mask(position_ids)
-        elif mask is None:
-            raise ValueError(f"attn_impl must be 'packed' or 'dense', not {self.attn_impl!r}")
         h = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta, h.dtype)
         for i, layer in enumerate(self.model.layers):
@@ -373,14 +353,14 @@ class Transformer(nn.Module):
         return self.lm_head(self.model.norm(h))  # (B, T, V), or (N, V) with logits_at
 
     def check_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None):
+        """ValueError for ids or positions this model cannot take."""
+        shape = tuple(input_ids.shape)
         if input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int):
-            raise ValueError(f"input_ids must be a (batch, seq) integer tensor, got {input_ids.dtype} of shape "
-                             f"{tuple(input_ids.shape)}")
+            raise ValueError(f"input_ids must be a (batch, seq) integer tensor, got {input_ids.dtype} of shape {shape}")
         if position_ids is not None and position_ids.shape != input_ids.shape:
-            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)} but input_ids has "
-                             f"{tuple(input_ids.shape)}")
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)} but input_ids has {shape}")
         # A packed row may be longer than the context: positions restart, and each document must fit it.
-        longest = input_ids.shape[1] if position_ids is None else int(position_ids.max()) + 1
+        longest = shape[1] if position_ids is None else int(position_ids.max()) + 1
         if longest > self.args.max_seq_len:
             raise ValueError(f"a sequence of {longest} tokens exceeds the model's context of {self.args.max_seq_len}")
         lo, hi = input_ids.min().item(), input_ids.max().item()
@@ -395,13 +375,10 @@ class Transformer(nn.Module):
                  sync_ranks: bool = False) -> list[list[int]]:
         """Batched generation; returns the new tokens of each prompt without its stop token.
 
-        Prompts are left-padded to a common end so every row decodes in lockstep into one static KV cache;
-        padding is masked out and positions start at 0 at each prompt's first real token, so a prompt's greedy
-        output does not depend on what else is in the batch. A row stops at its first stop id, at max_new_tokens,
-        or when it reaches the model's context length. New tokens stay on the device: one scalar read per step
-        (are all rows done?), and the outputs are copied to the host once at the end. on_token(tokens) is called
-        after each step with the new token of every row (None for finished rows), for streaming. sync_ranks: under
-        FSDP every rank runs each forward, and rank 0's choice of token is sent to all, so they stay in step."""
+        Prompts are left-padded to a common end and decode in lockstep into one static KV cache; padding is masked
+        and positions start at 0 at each prompt's first token, so a greedy output does not depend on the batch. A
+        row stops at its first stop id, at max_new_tokens or at the context length. on_token(tokens) streams each
+        step's tokens (None for finished rows). sync_ranks: under FSDP, rank 0's tokens go to every rank."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs a non-empty list of non-empty prompts (token-id lists)")
         V, ctx = self.args.vocab_size, self.args.max_seq_len
@@ -413,30 +390,22 @@ class Transformer(nn.Module):
         device = self.lm_head.weight.device
         B, P = len(prompts), max(len(p) for p in prompts)
         S = min(P + max_new_tokens, ctx)
-        pad = torch.tensor([P - len(p) for p in prompts], device=device)  # left padding per row
-        tokens = torch.full((B, S), pad_id, dtype=torch.long, device=device)
-        for i, p in enumerate(prompts):
-            tokens[i, P - len(p):P] = torch.tensor(p, device=device)
+        tokens = torch.tensor([[pad_id] * (P - len(p)) + p + [pad_id] * (S - P) for p in prompts], device=device)
+        pad = torch.tensor([P - len(p) for p in prompts], device=device)[:, None]  # (B, 1) left padding per row
         col = torch.arange(S, device=device)
-        positions = (col[None, :] - pad[:, None]).clamp(min=0)  # (B, S)
-        # key j is visible to query i when j <= i and j is a real token; a pad query sees itself (no empty rows)
-        real = col[None, :] >= pad[:, None]  # (B, S)
-        causal = col[:, None] >= col[None, :]  # (S, S)
-        full_mask = causal & (real[:, None, :] | torch.eye(S, dtype=torch.bool, device=device))  # (B, S, S)
+        # The left padding is a document of its own: each prompt's positions start at 0, and it never sees a pad.
+        positions = torch.where(col >= pad, col - pad, col)  # (B, S)
+        full_mask = block_diagonal_mask(positions)  # (B, 1, S, S)
         caches = [KVCache(B, self.args.n_kv_heads, S, self.args.head_dim, device) for _ in self.model.layers] \
             if use_cache else None
         done = torch.zeros(B, dtype=torch.bool, device=device)
         stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
-        last = torch.zeros(B, S, dtype=torch.bool, device=device)
-        last[:, -1] = True  # logits_at: the last position of whatever slice is fed
-        pos, end = 0, P
+        last = (col == S - 1).expand(B, S)  # logits_at: the last position of whatever slice is fed
         for t in range(P, S):
-            if use_cache:  # prefill the prompt once, then one token per step
-                logits = self(tokens[:, pos:t], positions[:, pos:t], last[:, pos - t:], full_mask[:, None, pos:t, :t],
-                              caches, pos)
-                pos = t
-            else:  # recompute the whole prefix every step (the baseline the cache is measured against)
-                logits = self(tokens[:, :t], positions[:, :t], last[:, -t:], full_mask[:, None, :t, :t])
+            # With the cache: the prompt once, then one token per step; without (the baseline): the whole prefix.
+            lo = t - 1 if use_cache and t > P else 0
+            logits = self(tokens[:, lo:t], positions[:, lo:t], last[:, lo - t:], full_mask[:, :, lo:t, :t],
+                          caches, lo)
             nxt = sample(logits.float(), temperature, top_p, generator)  # (B,)
             if sync_ranks:
                 torch.distributed.broadcast(nxt, src=0)
@@ -445,11 +414,10 @@ class Transformer(nn.Module):
             if on_token is not None:  # streaming: the one place that reads every step's tokens
                 on_token([None if d or s else x for x, d, s in zip(nxt.tolist(), done.tolist(), stop_now.tolist())])
             done |= stop_now
-            end = t + 1
-            if done.all():
+            if done.all():  # the one scalar read per step: new tokens stay on the device
                 break
         out = []
-        for row in tokens[:, P:end].tolist():  # the one copy to the host: cut each row at its first stop id
+        for row in tokens[:, P:].tolist():  # the one copy to the host: cut each row at its first stop id
             cut = next((k for k, x in enumerate(row) if x in stop_ids), len(row))
             out.append(row[:cut])
         return out
@@ -477,9 +445,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 
 def block_diagonal_mask(position_ids: torch.Tensor) -> torch.Tensor:
     """The reference (B, 1, T, T) mask: causal and within one document. Memory grows with T^2."""
-    starts = position_ids == 0
-    starts[:, 0] = True
-    doc = starts.cumsum(dim=1)  # (B, T) document number of each token
+    doc = (position_ids == 0).cumsum(dim=1)  # (B, T) document number of each token, compared only within a row
     T = position_ids.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
     return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
@@ -497,35 +463,23 @@ class ConvertConfig:
 
 
 def convert(cfg: ConvertConfig) -> None:
-    """Stream a checkpoint folder into a safetensors folder of cfg.dtype: one source shard (memory-mapped) is read
-    while one destination shard fills, about two shards of memory. config.json (with its dtype updated),
-    generation_config.json and the tokenizer files are copied."""
+    """Stream a checkpoint into safetensors of cfg.dtype, holding one source and one destination shard at a time;
+    config.json (its dtype updated), generation_config.json and the tokenizer files are copied."""
     src, dst = Path(cfg.src), Path(cfg.dst)
     if src.resolve() == dst.resolve():
         raise UserError("convert writes a new folder; SRC and DST must differ")
     target = getattr(torch, cfg.dtype, None)
     if not isinstance(target, torch.dtype) or not target.is_floating_point:
-        raise UserError(f"--dtype must be a floating-point torch dtype such as bfloat16, float16, float32; "
-                        f"got {cfg.dtype!r}")
-    config, tensors = read_checkpoint(src)
-    expected = Transformer.meta_state(ModelArgs.from_hf_config(config, str(src / "config.json")))
-    seen = set()
-
-    def checked():
-        for name, t, file in tensors:
-            check_tensor(name, t, expected, file)
-            seen.add(name)
-            yield name, t.to(target)
-
-    write_safetensors(checked(), dst, cfg.max_shard_size, total=len(expected))
-    if seen != set(expected):
-        raise UserError(f"{src}: parameters missing from the checkpoint: {sorted(set(expected) - seen)[:3]}")
+        raise UserError(f"--dtype must be a floating-point torch dtype (bfloat16, float16, float32); got {cfg.dtype!r}")
+    config, model, tensors = Transformer.read_checked(src)
+    n = len(model.state_dict())
+    write_safetensors(((name, t.to(target)) for name, t in tensors), dst, cfg.max_shard_size, total=n)
     key = "dtype" if "dtype" in config else "torch_dtype"  # keep the spelling the source used
     (dst / "config.json").write_text(json.dumps(dict(config, **{key: cfg.dtype}), indent=2))
     for f in TOKENIZER_FILES:
         if (src / f).is_file():
             shutil.copy2(src / f, dst / f)
-    print(f"converted {src} -> {dst} ({len(seen)} tensors, {cfg.dtype})")
+    print(f"converted {src} -> {dst} ({n} tensors, {cfg.dtype})")
 
 
 # ---- demo ----

@@ -2,15 +2,13 @@
 
     python tokenizer.py "What is 2+2?"        # the ids of that prompt under the template, and back to text
     tok = Tokenizer.from_pretrained("Orca-2-7b"); ids = tok.encode_prompt(system, user)  # the release's exact ids
-
-The template's markers (<|im_start|>, <|im_end|>) become control ids only where the template puts them
-(Segment.marker); the same strings typed inside a user's text stay text.
 """
 
 import hashlib
 import json
 import sys
 from collections.abc import Iterable
+from itertools import groupby
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,7 +21,6 @@ from orca2 import (BOS, CAUTIOUS_SYSTEM_MESSAGE, EOS, FOLLOWUP, IM_END, IM_START
 # sentencepiece has no switch for the dummy prefix, so we append a second NormalizerSpec (ModelProto field 3) holding
 # only add_dummy_prefix = false (field 3, varint 0). Protobuf merges repeated message fields: only that flag changes.
 NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
-MARKERS = (IM_START, IM_END)
 
 
 class Segment(NamedTuple):
@@ -33,24 +30,21 @@ class Segment(NamedTuple):
 
 
 def fill(template: tuple[str, ...], values: dict[str, str], supervised: bool) -> list[Segment]:
-    """A template of orca2.py as Segments: each marker one Segment, the text between two markers one Segment
-    (the literal parts and the filled-in values joined, as the whole rendered string would be encoded)."""
-    segments, text = [], []
-    for part in template:
-        if part in MARKERS:
-            if text:
-                segments.append(Segment("".join(text), supervised, False))
-                text = []
-            segments.append(Segment(part, supervised, True))
-        else:
-            text.append(values[part[1:-1]] if is_field(part) else part)
-    if text:
-        segments.append(Segment("".join(text), supervised, False))
+    """A template of orca2.py as Segments: one per marker, one per run of text between markers (filled in)."""
+    segments = []
+    for is_marker, parts in groupby(template, lambda part: part in (IM_START, IM_END)):
+        if is_marker:
+            segments += [Segment(marker, supervised, True) for marker in parts]
+        else:  # literal parts and values joined, as the whole rendered string would be encoded
+            text = "".join(values[part[1:-1]] if is_field(part) else part for part in parts)
+            segments.append(Segment(text, supervised, False))
     return segments
 
 
 def read_json_file(file: Path) -> dict:
-    """A tokenizer folder's JSON file as a dict; UserError naming the file when it is not one."""
+    """A tokenizer folder's JSON file as a dict ({} when absent); UserError naming the file when it is not one."""
+    if not file.is_file():
+        return {}
     try:
         loaded = json.loads(file.read_text())
     except (ValueError, OSError) as e:
@@ -70,12 +64,11 @@ class Tokenizer:
         n = self.sp.vocab_size()
         # marker -> id; default: the added tokens right after the SentencePiece vocabulary (32000-32002 for LLaMA-2)
         self.added = dict(added_tokens or {s: n + SPECIAL_IDS[s] - SPECIAL_IDS[PAD] for s in (PAD, IM_START, IM_END)})
-        ids = list(self.added.values())
-        if {IM_START, IM_END} - set(self.added) or min(ids) < n or len(set(ids)) != len(ids):
+        self.marker_of = {i: s for s, i in self.added.items()}
+        if {IM_START, IM_END} - set(self.added) or min(self.marker_of) < n or len(self.marker_of) < len(self.added):
             raise UserError(f"added tokens {self.added} need {IM_START} and {IM_END}, with distinct ids >= {n} "
                             "(the SentencePiece vocabulary size)")
-        self.marker_of = {i: s for s, i in self.added.items()}
-        self.vocab_size = max(n, max(ids) + 1)
+        self.vocab_size = max(n, max(self.marker_of) + 1)
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.im_start_id, self.im_end_id = self.added[IM_START], self.added[IM_END]
         # The tokenizer is authoritative for padding (the 13b config.json's pad_token_id 0 is not).
@@ -93,52 +86,45 @@ class Tokenizer:
         model_file = path / "tokenizer.model" if path.is_dir() else path
         if not model_file.is_file():
             raise UserError(f"{model_file}: no SentencePiece model there; pass a tokenizer.model or a model folder")
-        added_file, config_file = model_file.parent / "added_tokens.json", model_file.parent / "tokenizer_config.json"
-        added = read_json_file(added_file) if added_file.is_file() else None
-        config = read_json_file(config_file) if config_file.is_file() else {}
+        added = read_json_file(model_file.parent / "added_tokens.json")
+        config = read_json_file(model_file.parent / "tokenizer_config.json")
         pad = config.get("pad_token") or PAD
         pad = pad.get("content", PAD) if isinstance(pad, dict) else pad
         decoder = {t["content"]: int(i) for i, t in config.get("added_tokens_decoder", {}).items()}
-        if added is None and IM_START in decoder:  # newer releases list added tokens only in tokenizer_config.json
+        if not added and IM_START in decoder:  # newer releases list added tokens only in tokenizer_config.json
             added = {s: decoder[s] for s in (PAD, IM_START, IM_END) if s in decoder}
         try:
-            return cls(model_file.read_bytes(), added, pad)
+            return cls(model_file.read_bytes(), added or None, pad)
         except RuntimeError as e:  # sentencepiece's message for bytes that are not a model: "ParseFromArray ..."
             raise UserError(f"{model_file}: not a SentencePiece model ({str(e).strip()})") from None
 
     def save_pretrained(self, dst: Path) -> None:
         """The release's tokenizer files: SentencePiece model, added tokens, special tokens, generation settings."""
         (dst / "tokenizer.model").write_bytes(self.model_proto)
-        (dst / "added_tokens.json").write_text(json.dumps(self.added, indent=2))
         special = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": self.pad_token}
-        (dst / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
         decoder = {str(i): {"content": s, "special": True} for s, i in self.added.items()}
         config = dict(special, tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False,
                       legacy=True, added_tokens_decoder=decoder)
-        (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
         gen = {"bos_token_id": self.bos_id, "eos_token_id": [self.eos_id, self.im_end_id], "pad_token_id": self.pad_id}
-        (dst / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        files = {"added_tokens.json": self.added, "special_tokens_map.json": special, "tokenizer_config.json": config,
+                 "generation_config.json": gen}
+        for name, content in files.items():
+            (dst / name).write_text(json.dumps(content, indent=2))
 
     def encode_docs(self, docs: list[list[Segment]], bos: bool = True,
                     start: bool = True) -> tuple[list[int], list[int], list[int]]:
-        """Encode many segment lists at once: flat ids, flat teacher flags (0/1), per-document lengths.
-
-        ORCA2.md 6.4: replace '▁' in text by a space, prepend one '▁' to the whole text (start=True), markers become
-        their ids, every other piece goes through SentencePiece with the dummy prefix disabled, BOS in front."""
+        """Many segment lists at once, by the rule of ORCA2.md 6.4: flat ids, flat teacher flags (0/1), lengths."""
         pieces = []  # per document: (text or marker id, supervised)
         for segs in docs:
             doc = [(self.bos_id, False)] if bos else []
             if start and segs and segs[0].marker:  # a text that starts with a marker: its '▁' is a piece of its own
                 doc.append(("▁", False))
-            for k, s in enumerate(segs):
-                if s.marker:
-                    doc.append((self.added[s.text], s.supervised))
-                    continue
+            for k, s in enumerate(segs):  # '▁' typed in text is a space; the whole text starts with one '▁'
                 text = ("▁" if start and k == 0 else "") + s.text.replace("▁", " ")
-                if text:
-                    doc.append((text, s.supervised))
+                if s.marker or text:
+                    doc.append((self.added[s.text] if s.marker else text, s.supervised))
             pieces.append(doc)
-        # One SentencePiece call per batch; repeated pieces (system messages, template text) are encoded once.
+        # One SentencePiece call (no dummy prefix) per batch; repeated pieces (system messages) are encoded once.
         unique = list(dict.fromkeys(p for doc in pieces for p, _ in doc if isinstance(p, str)))
         encoded = dict(zip(unique, self.sp_raw.encode(unique, num_threads=1)))
         ids, sup, lengths = [], [], []
@@ -165,18 +151,16 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         """Ids to text; added ids become their marker strings (dropped with skip_special), BOS/EOS are dropped."""
-        out, run, at_start = [], [], True
-        for i in [*map(int, ids), None]:  # None flushes the last run of text
-            if i is not None and not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
-            if i is None or i in self.marker_of:
-                if run:  # only text at the very start carries the prepended '▁' that decoding removes
-                    out.append((self.sp if at_start else self.sp_raw).decode(run))
-                    run = []
-                at_start = False
-                out.append("" if i is None or skip_special else self.marker_of[i])
-            elif i < self.sp.vocab_size():
-                run.append(i)
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        out = []
+        for k, (is_marker, run) in enumerate(groupby(ids, lambda i: i in self.marker_of)):
+            if not is_marker:  # only text at the very start carries the prepended '▁' that decoding removes
+                out.append((self.sp if k == 0 else self.sp_raw).decode([i for i in run if i < self.sp.vocab_size()]))
+            elif not skip_special:
+                out += [self.marker_of[i] for i in run]
         return "".join(out)
 
 

@@ -74,8 +74,7 @@ def test_help_lists_every_option_with_its_default(helps, command):
         assert re.search(line, result.stdout, re.M), f"{command} --help does not show --{f.name} = {default!r}"
 
 
-@pytest.mark.parametrize("command", [*DEMOS[:-1], pytest.param("answers.py", marks=pytest.mark.xfail(
-    strict=True, reason="answers.py --help exits 1: its __main__ raises SystemExit(__doc__)"))])
+@pytest.mark.parametrize("command", DEMOS)
 def test_help_of_a_demo_shows_what_it_is(helps, command):
     result = helps[command]
     first_line = ast.get_docstring(ast.parse((ROOT / command).read_text())).splitlines()[0]
