@@ -402,7 +402,7 @@ def section_client(cfg: BenchConfig) -> list[dict]:
              f"({b['written']:,} written to data.jsonl)", seconds=b["cached_s"], items_s=b["items"] / b["cached_s"],
              figure=f"{b['cached_s']:.1f} s ({b['items'] / b['cached_s']:.0f} items/s)", goal=f"< {goal_s:g} s",
              met="yes" if b["cached_s"] < goal_s else "NO", ratio=goal_s / b["cached_s"]),
-        dict(section="client", case=f"synth.py cold run, the same items against tasks.teacher_server() (own "
+        dict(section="client", case=f"synth.py cold run, the same items against servers.teacher_server() (own "
              f"process), concurrency 64: {b['requests']:,} requests (selection included)", seconds=b["cold_s"],
              items_s=b["items"] / b["cold_s"], figure=f"{b['cold_s']:.1f} s ({b['items'] / b['cold_s']:.0f} items/s)",
              goal="none (the teacher's speed)", met="-"),

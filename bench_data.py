@@ -289,7 +289,7 @@ FIXED_REPLY = "Answer: 4"
 
 def fixed_teacher(conn) -> None:
     """A zero-latency teacher: every request gets the same chat reply at once. Sends its URL, then serves."""
-    from client import LocalServer, chat_response
+    from servers import LocalServer, chat_response
     reply = (200, chat_response(FIXED_REPLY, prompt_tokens=9, completion_tokens=3), {})
     server = LocalServer(lambda path, body: reply)
     conn.send(server.base_url)
@@ -298,8 +298,8 @@ def fixed_teacher(conn) -> None:
 
 def miniature_teacher(conn) -> None:
     """tasks.py's programmatic teacher. Sends its URL, then serves."""
-    import tasks
-    server = tasks.teacher_server()
+    import servers
+    server = servers.teacher_server()
     conn.send(server.base_url)
     server.serve_forever()
 

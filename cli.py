@@ -3,13 +3,10 @@
     python train.py --help                               # every option: type, default, meaning
     python train.py --config=configs/orca2-7b.json --micro_batch 1 --activation_checkpointing=yes
 
-Each command has a config dataclass whose field defaults and trailing comments are the only source of its options.
-parse() maps the command line onto it: defaults < --config FILE.json < --key=value (or --key value), left to right.
-Booleans are true/false/1/0/yes/no, lists and dicts are JSON, an unknown key is an error that lists the known ones.
-A command's main(cfg) is also called from Python with a config object; run() is only the command-line door.
-
-A mistake in what the user gave (a value, a file, a data line, a server) raises UserError, and run() ends the
-command with one line `error: <where>: <what is wrong and what to do>` and exit code 2. A traceback means a bug.
+A command is a config dataclass (its field defaults and comments are the options and --help) and main(cfg), which
+Python callers use directly. parse(): defaults < --config FILE.json < --key=value (or --key value), left to right;
+booleans true/false/1/0/yes/no, lists and dicts JSON, unknown keys an error naming the known ones. A mistake in what
+the user gave raises UserError; run() prints it as one line `error: <where>: <what to do>` and exits 2.
 """
 
 import dataclasses
@@ -20,9 +17,6 @@ import math
 import sys
 import tokenize
 from pathlib import Path
-
-EXIT_USER_ERROR = 2
-
 
 class UserError(ValueError):
     """Something the user supplied is wrong; the message says where and what to do. Printed without a traceback."""
@@ -158,7 +152,7 @@ def run(main, cls: type, doc: str, argv: list[str] | None = None, positional: tu
         return main(parse(cls, sys.argv[1:] if argv is None else argv, doc, positional))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_USER_ERROR) from None
+        raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         raise SystemExit(130) from None

@@ -3,7 +3,7 @@
     teacher = Endpoint("https://api.openai.com/v1", "gpt-4", "runs/teacher.sqlite", desc="teacher")
     teacher.check()  # seconds, not the retry schedule: is the server there, does it take the key
     replies = teacher.run([("chat", {"messages": [...], "max_tokens": 1024, "temperature": 0.0}), ...])
-    python client.py  # 2,000 requests to a scripted LocalServer on 127.0.0.1, then the same again from the cache
+    python servers.py  # 2,000 requests to a scripted server on 127.0.0.1, then the same again from the cache
 
 A good reply is committed to sqlite, keyed by the sha256 of (kind, model, body), the moment it arrives: a kill -9
 loses none and a rerun sends only what is missing; the API key is never stored. The openai client retries 408, 409,
@@ -17,11 +17,8 @@ import hashlib
 import json
 import os
 import sqlite3
-import sys
-import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import openai
@@ -104,18 +101,6 @@ def parse_reply(kind: str, data: object, cached: bool = False) -> Reply:
     if ids is not None and not (isinstance(ids, list) and all(type(t) is int for t in ids)):  # bool is no token
         raise ValueError("choices[0].token_ids is not a list of integers")
     return reply
-
-
-def chat_response(text: str, finish_reason: str = "stop", prompt_tokens: int = 0, completion_tokens: int = 0) -> dict:
-    """A /chat/completions response body, for scripted servers."""
-    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
-    return {"choices": [choice], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}}
-
-
-def completion_response(text: str, token_ids: list[int] | None = None, finish_reason: str = "stop") -> dict:
-    """A /completions response body, with vLLM's generated token_ids when given, for scripted servers."""
-    choice = {"index": 0, "text": text, "finish_reason": finish_reason, "token_ids": token_ids}
-    return {"choices": [choice], "usage": {"prompt_tokens": 0, "completion_tokens": len(token_ids or [])}}
 
 
 # ---- endpoint ----
@@ -231,62 +216,6 @@ class Endpoint:
         return reply
 
 
-# ---- a local server ----
-
-class Handler(BaseHTTPRequestHandler):
-    """Answers a POST with the server's respond(path, body); a GET gets 501, which check() accepts."""
-    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse a connection rather than open one per request
-    disable_nagle_algorithm = True  # headers and body are two writes: send the second without waiting for an ACK
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-        status, reply, headers = self.server.respond(self.path, body)
-        data = (reply if isinstance(reply, str) else json.dumps(reply)).encode()
-        self.send_response(status)
-        for name, value in {"Content-Type": "application/json", "Content-Length": len(data), **headers}.items():
-            self.send_header(name, str(value))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
-class LocalServer(ThreadingHTTPServer):
-    """An OpenAI-compatible server on 127.0.0.1: respond(path, body) -> (status, JSON object or text, headers)."""
-    daemon_threads = True
-    request_queue_size = 256  # many clients connect at once; the default backlog of 5 drops some
-
-    def __init__(self, respond, port: int = 0):
-        super().__init__(("127.0.0.1", port), Handler)
-        self.respond = respond  # called with the path as sent, e.g. "/v1/chat/completions", and the JSON body
-        self.base_url = f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-    def handle_error(self, request, client_address):
-        # a client that goes away mid-request (Ctrl-C, kill -9, a timeout) is routine; anything else is a bug to show
-        if not isinstance(sys.exc_info()[1], (ConnectionError, json.JSONDecodeError)):
-            super().handle_error(request, client_address)
-
-    def start(self) -> "LocalServer":
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self, *exc) -> None:
-        self.shutdown()
-        self.server_close()
-
-    __enter__ = start
-    __exit__ = stop  # a with block stops it however it ends
-
-
-if __name__ == "__main__":
-    import tempfile
-    reply = (200, chat_response("4", prompt_tokens=9, completion_tokens=1), {})
-    with LocalServer(lambda path, body: reply) as server, tempfile.TemporaryDirectory() as tmp:
-        teacher = Endpoint(server.base_url, "teacher", f"{tmp}/cache.sqlite", concurrency=64, desc="teacher")
-        teacher.check()
-        requests = [("chat", {"messages": [{"role": "user", "content": f"{i} + 0?"}]}) for i in range(2000)]
-        for what in ("sent", "cached"):
-            start = time.time()
-            assert all(r.text == "4" for r in teacher.run(requests))
-            print(f"{what}: {len(requests) / (time.time() - start):.0f} requests/s, totals {teacher.stats}")
+if __name__ == "__main__":  # how fast: servers.py's demo runs this client against a local server
+    import runpy
+    runpy.run_path(str(Path(__file__).with_name("servers.py")), run_name="__main__")

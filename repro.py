@@ -35,6 +35,7 @@ import torch
 
 import cli
 import orca2
+import servers
 import synth
 import tasks
 import train
@@ -104,7 +105,7 @@ def make_data(cfg: ReproConfig, problems: list[tasks.Problem], work: Path) -> tu
     with open(task_file, "w") as f:  # synth.py's question/answer task layout, grouped by task type
         for p in problems:
             f.write(json.dumps({"question": p.question, "answer": p.answer, "task": p.kind}) + "\n")
-    with tasks.teacher_server() as server:  # the teacher behind the OpenAI wire protocol, for this run only
+    with servers.teacher_server() as server:  # the teacher behind the OpenAI wire protocol, for this run only
         synth.main(synth.SynthConfig(tasks=str(task_file), base_url=server.base_url, teacher="miniature-teacher",
                                      out=str(work / "synth"), strategies=cfg.strategies, select_n=cfg.select_n,
                                      filter_wrong=False, progress=False))

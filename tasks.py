@@ -5,7 +5,7 @@
   arith    'Ann has 5 coins. Ann gets 3 more. Ann gives away 2. How many ...'   fits step-by-step (a running total)
   compare  'Box 3 is heavier than box 7. ... Which is heavier, box 3 or box 5?'  fits recall-then-generate (facts)
   easy     'What is 5 + 3?'                                                     fits direct
-The teacher (teacher_server() serves it on 127.0.0.1) reads only the question and the system instruction: always
+The teacher (servers.teacher_server() serves it on 127.0.0.1) reads only the question and the system instruction: always
 right under the strategy that fits, sometimes wrong under the others, so strategy selection must find that one.
 """
 
@@ -17,7 +17,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from client import LocalServer, chat_response
 from orca2 import STRATEGIES
 
 NAMES = "Ann Bob Cid Dan Eve Fay Gus Hal Ivy Jon Kim Lea Max Ned Oli Pam Ray Sue Tom Uma".split()
@@ -93,17 +92,6 @@ def teacher(question: str, strategy: str) -> str:
 def strategy_of(system: str) -> str:
     """The library strategy whose instruction is `system`; anything else counts as 'direct'."""
     return next((name for name, text in STRATEGIES.items() if text == system), "direct")
-
-
-def teacher_server(port: int = 0) -> LocalServer:
-    """The programmatic teacher behind the OpenAI chat-completions wire protocol, on 127.0.0.1."""
-    def respond(path: str, body: dict):
-        messages = body["messages"]
-        system = next((m["content"] for m in messages if m["role"] == "system"), "")
-        text = teacher(messages[-1]["content"], strategy_of(system))
-        return 200, chat_response(text, prompt_tokens=len(json.dumps(messages)) // 4,
-                                  completion_tokens=len(text) // 4), {}
-    return LocalServer(respond, port)
 
 
 TRAIN_SIZES = {"arith": (2, 3), "compare": (4, 5)}  # changes (arith), boxes (compare)

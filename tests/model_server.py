@@ -14,7 +14,7 @@ import threading
 
 import torch
 
-from client import LocalServer, completion_response
+from servers import LocalServer, completion_response
 from model import Transformer
 from tokenizer import Tokenizer
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from cli import UserError
-from client import Endpoint, Failure, LocalServer, Reply, chat_response, completion_response
+from client import Endpoint, Failure, Reply
+from servers import LocalServer, chat_response, completion_response
 
 ROOT = str(Path(__file__).resolve().parents[1])
 FAST = {"retry-after-ms": "1"}  # the openai client waits what the server says, so retries take milliseconds

@@ -18,7 +18,7 @@ from model_server import ModelServer
 import benchmarks as B
 import cli
 import evaluate as E
-from client import LocalServer, completion_response
+from servers import LocalServer, completion_response
 from model import ModelArgs, Transformer
 from orca2 import BENCHMARKS, CAUTIOUS_SYSTEM_MESSAGE, SYSTEM_MESSAGES
 from tokenizer import Tokenizer

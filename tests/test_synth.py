@@ -1,4 +1,4 @@
-"""synth.py against the miniature's programmatic teacher (tasks.teacher_server) on 127.0.0.1: strategy selection by
+"""synth.py against the miniature's programmatic teacher (servers.teacher_server) on 127.0.0.1: strategy selection by
 teacher and student, exact outputs, kill -9 and rerun, retries and failures, the API key, prompt erasing, errors."""
 
 import json
@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import client
+import servers
 import data
 import synth
 import tasks
@@ -32,11 +33,11 @@ COLUMNS = ["system_prompt", "question", "response", "id", "task", "strategy", "t
 
 
 class Teacher:
-    """tasks.teacher_server, counting requests per (strategy, question), with scripted faults, a delay, and the
+    """servers.teacher_server, counting requests per (strategy, question), with scripted faults, a delay, and the
     Authorization headers it received."""
 
     def __init__(self, fault=None, delay_s: float = 0.0):
-        self.server = tasks.teacher_server()
+        self.server = servers.teacher_server()
         self.answer, self.server.respond = self.server.respond, self
         self.server.RequestHandlerClass = KeyHandler
         self.fault, self.delay_s = fault, delay_s  # fault(strategy, question, attempt) -> a response or None
@@ -59,7 +60,7 @@ class Teacher:
         self.server.stop()
 
 
-class KeyHandler(client.Handler):
+class KeyHandler(servers.Handler):
     def do_POST(self):
         self.server.respond.auth.add(self.headers.get("Authorization"))
         super().do_POST()
@@ -121,9 +122,9 @@ def clean_run(task_files, tmp_path_factory):
 
     def fault(strategy, question, attempt):
         if question == victims["arith"].question:
-            return 200, client.chat_response("Running total:\n4 + 2", finish_reason="length"), {}
+            return 200, servers.chat_response("Running total:\n4 + 2", finish_reason="length"), {}
         if question == victims["compare"].question:
-            return 200, client.chat_response("I'm sorry, I cannot help with that."), {}
+            return 200, servers.chat_response("I'm sorry, I cannot help with that."), {}
 
     out = tmp_path_factory.mktemp("clean")
     with Teacher(fault) as teacher:
@@ -188,9 +189,9 @@ def test_a_student_chooses_and_the_teacher_breaks_its_ties(task_files, tmp_path)
     def student(path, body):
         strategy, question = tasks.strategy_of(body["messages"][0]["content"]), body["messages"][-1]["content"]
         p = tasks.solve(question)
-        return 200, client.chat_response(f"Answer: {p.answer if strategy in good[p.kind] else 99}"), {}
+        return 200, servers.chat_response(f"Answer: {p.answer if strategy in good[p.kind] else 99}"), {}
 
-    with Teacher() as teacher, client.LocalServer(student) as server:
+    with Teacher() as teacher, servers.LocalServer(student) as server:
         result = synth.main(config(task_files, teacher.server.base_url, tmp_path, student="stage2",
                                    student_base_url=server.base_url))
     chosen = json.loads((tmp_path / "strategies.json").read_text())
