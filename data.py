@@ -119,31 +119,59 @@ ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant"
          "chatgpt": "assistant"}  # ShareGPT's "from" values, and the messages layout's roles
 
 
+def _json_type(value: object) -> str:
+    """What a parsed value is, for error messages: object, list, string, number, boolean or null."""
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number",
+             type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
 def read_json(line: bytes) -> object:
-    """Strict JSON: ValueError (never another exception) for bad UTF-8, NaN/Infinity, syntax, too deep nesting."""
+    """Strict JSON of one UTF-8 line: ValueError (never another exception) for bad UTF-8, NaN/Infinity, syntax,
+    too deep nesting, numbers too long to read."""
     def refuse(name: str):
-        raise ValueError(f"{name} is not valid JSON")
+        raise ValueError(f"{name} is not valid JSON (write null or a string)")
+
+    def integer(text: str) -> int:
+        if len(text) > 4000:  # Python's int() refuses over 4300 digits, with advice meant for programmers
+            raise ValueError(f"a number of {len(text)} digits is too long to read")
+        return int(text)
+
+    # UTF-16 (a Windows editor's "Unicode") puts a NUL byte beside every ASCII character: name the likely cause.
+    utf16 = b"\x00" in line or line.startswith((b"\xff\xfe", b"\xfe\xff"))
+    hint = "; the file looks UTF-16 encoded: save it as UTF-8" if utf16 else ""
     try:
-        return json.loads(line, parse_constant=refuse)
+        return json.loads(line.decode("utf-8"), parse_constant=refuse, parse_int=integer)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"not valid UTF-8 (byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON: {e.msg} at column {e.colno}") from None
+        raise ValueError(f"not valid UTF-8 (byte {e.start}){hint}") from None
+    except json.JSONDecodeError as e:  # some messages end in " at" ("Unterminated string starting at")
+        raise ValueError(f"not valid JSON: {e.msg.removesuffix(' at')} at column {e.colno}{hint}") from None
+
+
+def _short(value: object) -> str:
+    """A value as an error message shows it: short strings quoted, anything else by its JSON type."""
+    return repr(value) if isinstance(value, str) and len(value) <= 40 else _json_type(value)
 
 
 def _messages(items: object, role_key: str, text_key: str, what: str) -> list[tuple[str, str]]:
     if not isinstance(items, list) or not items:
-        raise ValueError(f"{what} must be a non-empty list")
+        raise ValueError(f"{what} must be a non-empty list, got {_short(items) if items != [] else 'an empty one'}")
+    known = [r for r, role in ROLES.items() if role_key != "role" or r == role]  # the messages layout: exact names
     out = []
     for k, m in enumerate(items):
-        if not isinstance(m, dict) or not isinstance(m.get(text_key), str) or role_key not in m:
-            raise ValueError(f"{what}[{k}] must be an object with {role_key!r} and a string {text_key!r}")
-        role = ROLES.get(m[role_key]) if isinstance(m[role_key], str) else None
-        if role is None or (role_key == "role" and m[role_key] != role):
-            raise ValueError(f"{what}[{k}] has unknown {role_key} {m[role_key]!r}")
-        out.append((role, m[text_key]))
+        need = f"{what}[{k}] must be an object with {role_key!r} and a string {text_key!r}"
+        if not isinstance(m, dict):
+            raise ValueError(f"{need}, got {_short(m)}")
+        for key in (role_key, text_key):
+            if key not in m:
+                raise ValueError(f"{need}; it has no {key!r}")
+        if not isinstance(m[text_key], str):
+            raise ValueError(f"{need}; got {_json_type(m[text_key])} for {text_key!r}")
+        if m[role_key] not in known:
+            raise ValueError(f"{what}[{k}] has unknown {role_key} {_short(m[role_key])}; known: {', '.join(known)}")
+        out.append((ROLES[m[role_key]], m[text_key]))
     return out
 
 
@@ -153,7 +181,8 @@ def _conversation(messages: list[tuple[str, str]]) -> Conversation:
     rest = messages[1:] if messages[0][0] == "system" else messages
     roles = [r for r, _ in rest]
     if not rest or roles != ["user", "assistant"] * (len(rest) // 2):
-        raise ValueError(f"expected [system], then alternating user/assistant ending with assistant, got roles {roles}")
+        raise ValueError("expected [system], then alternating user/assistant ending with assistant, got roles "
+                         f"{[r for r, _ in messages]}")
     for _, text in messages:
         try:
             text.encode("utf-8")
@@ -168,25 +197,34 @@ def _conversation(messages: list[tuple[str, str]]) -> Conversation:
 def parse_record(record: object, fmt: str) -> Conversation:
     """One record (a JSONL line's value, a parquet row) of a known format to a Conversation; ValueError says why not."""
     if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+        raise ValueError(f"expected a JSON object, got {_json_type(record)}")
     if fmt in ("openorca", "flan", "qa"):
         keys = {"openorca": ("system_prompt", "question", "response"), "flan": (None, "inputs", "targets"),
                 "qa": (None, "question", "answer")}[fmt]
-        values = [record.get(k) if k else "" for k in keys]
-        if not all(isinstance(v, str) for v in values):
-            raise ValueError(f"{fmt} records need string fields {', '.join(filter(None, keys))}: {FORMATS[fmt][1]}")
-        return _conversation(list(zip(("system", "user", "assistant"), values)))
+        need = f"{fmt} records need string fields {', '.join(filter(None, keys))}"
+        for key in filter(None, keys):
+            if key not in record:
+                raise ValueError(f"{need}; this one has no {key!r} (layout: {FORMATS[fmt][1]})")
+            if not isinstance(record[key], str):
+                raise ValueError(f"{need}; got {_json_type(record[key])} for {key!r}")
+        return _conversation(list(zip(("system", "user", "assistant"), [record[k] if k else "" for k in keys])))
     if fmt in ("sharegpt", "messages"):
         key, role, text = ("conversations", "from", "value") if fmt == "sharegpt" else ("messages", "role", "content")
-        return _conversation(_messages(record.get(key), role, text, key))
+        if key not in record:
+            raise ValueError(f"{fmt} records need a {key!r} list; this one has none (layout: {FORMATS[fmt][1]})")
+        return _conversation(_messages(record[key], role, text, key))
     assert fmt == "preference", f"unknown format {fmt!r}"
     inp = record.get("input")
-    prompt = _messages(inp.get("messages") if isinstance(inp, dict) else None, "role", "content", "input.messages")
+    if not isinstance(inp, dict) or "messages" not in inp:
+        raise ValueError(f"'input' must be an object holding 'messages', got {_short(inp)} (layout: {FORMATS[fmt][1]})")
+    prompt = _messages(inp["messages"], "role", "content", "input.messages")
     return _conversation(prompt + _messages(record.get("preferred_output"), "role", "content", "preferred_output"))
 
 
 def detect_file_format(path: Path) -> tuple[str, list[str]]:
     """Format and metadata columns (other scalar columns: FLAN's task_name, ...) from a schema or first JSONL line."""
+    if path.is_dir():
+        raise UserError(f"{path}: a folder; pass a JSONL or parquet file")
     if not path.is_file():
         raise UserError(f"{path}: no such data file")
     if path.suffix == ".parquet":
@@ -197,14 +235,17 @@ def detect_file_format(path: Path) -> tuple[str, list[str]]:
         where, names, scalar = str(path), schema.names, [f.name for f in schema if not pa.types.is_nested(f.type)]
     else:
         with open(path, "rb") as f:
-            lineno, line = next(((k, s) for k, s in enumerate(f, 1) if s.strip()), (0, b"{}"))
-        where = f"{path}:{lineno}" if lineno else f"{path} (no examples)"
+            lineno, line = next(((k, s) for k, s in enumerate(f, 1) if s.strip()), (0, b""))
+        if not lineno:
+            raise UserError(f"{path}: no examples: {'only blank lines' if path.stat().st_size else 'an empty file'}")
+        where = f"{path}:{lineno}"
+        line = line.removesuffix(b"\n")
         try:
             record = read_json(line.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else line)  # a UTF-8 BOM is fine
         except ValueError as e:
             raise UserError(f"{where}: {e}") from None
         if not isinstance(record, dict):
-            raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            raise UserError(f"{where}: expected a JSON object, got {_json_type(record)}")
         names, scalar = list(record), [k for k, v in record.items() if not isinstance(v, (list, dict))]
     fmt = next((f for f, (keys, _) in FORMATS.items() if keys <= set(names)), None)
     if fmt is None:
@@ -232,9 +273,13 @@ def read_part(path: Path, part: tuple[int, ...]) -> Iterator[list]:
     """A part's records in lists: parquet rows as dicts, BATCH_ROWS at a time; JSONL lines as bytes (parsed later)."""
     if path.suffix == ".parquet":  # streamed; a part that starts inside a row group decodes the batches before it
         group, first, end = part  # no pre-buffering of the whole row group, no arrow threads inside a worker
-        batches = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20).iter_batches(
-            BATCH_ROWS, row_groups=[group], use_threads=False)
-        yield from (batch.to_pylist() for batch in islice(batches, first, end))
+        try:
+            batches = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20).iter_batches(
+                BATCH_ROWS, row_groups=[group], use_threads=False)
+            for batch in islice(batches, first, end):
+                yield batch.to_pylist()
+        except (pa.ArrowException, OSError) as e:  # damaged pages: the footer was fine, the data is not
+            raise UserError(f"{path}: row group {group} cannot be read ({e}); the file is damaged") from None
         return
     with open(path, "rb") as f:
         f.seek(part[0])
@@ -245,9 +290,14 @@ def read_part(path: Path, part: tuple[int, ...]) -> Iterator[list]:
 
 
 def read_record(record: bytes | dict) -> dict | None:
-    """A JSONL line (bytes) or a parquet row as a record; None for a blank line; ValueError when it is not JSON."""
+    """A JSONL line (bytes) or a parquet row as a record; None for a blank line; ValueError when it is not a JSON
+    object (a `null` line is an error, not a blank line)."""
     if isinstance(record, bytes):
-        return read_json(record) if record.strip() else None
+        if not record.strip():
+            return None
+        record = read_json(record)
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {_json_type(record)}")
     return record
 
 
@@ -351,7 +401,7 @@ def tokenize_parts(jobs: list[tuple], tok: Tokenizer, workers: int, desc: str, l
             pool.join()
 
 
-def merge_parts(plan: dict, parts: Path, n_parts: int, cfg: DataConfig, folder: Path, workers: int) -> None:
+def merge_parts(plan: dict, part_files: list[Path], cfg: DataConfig, folder: Path, workers: int) -> None:
     """The part files in file order -> one cache folder: exact duplicates and too-long examples dropped (or
     truncated) and counted, bad records raised or counted. Written to a temporary folder, then renamed."""
     path, truncate = Path(plan["path"]), cfg.on_too_long == "truncate"
@@ -362,8 +412,8 @@ def merge_parts(plan: dict, parts: Path, n_parts: int, cfg: DataConfig, folder: 
     tmp.mkdir(parents=True, exist_ok=True)
     with open(tmp / "ids.bin", "wb") as f_ids, open(tmp / "sup.bin", "wb") as f_sup, \
             pq.ParquetWriter(tmp / "columns.parquet", schema) as f_columns:
-        for k in range(n_parts):
-            with np.load(parts / f"{k:06d}.npz") as z:
+        for file in part_files:
+            with np.load(file) as z:
                 r = {name: z[name] for name in z.files}
             r |= json.loads(r.pop("text").tobytes())
             for n, message in r["errors"]:  # in file order, so record numbers add up
@@ -442,6 +492,8 @@ def plan_source(source: Source, tok: Tokenizer, cfg: DataConfig, log=print) -> d
             shutil.rmtree(stale, ignore_errors=True)
         for stale in folder.with_name(folder.name + ".parts").glob("*.tmp*"):
             stale.unlink()
+    else:  # parts a late rank made again after rank 0 had merged them (harmless, but not kept)
+        shutil.rmtree(folder.with_name(folder.name + ".parts"), ignore_errors=True)
     dtype = "uint16" if tok.vocab_size <= 1 << 16 else "int32"
     return dict(source=source.name, path=str(path), format=fmt, columns=columns, system=source_system(source),
                 folder=str(folder), dtype=dtype)
@@ -457,18 +509,21 @@ def tokenize_source(source: Source, tok: Tokenizer, cfg: DataConfig, chunk_bytes
     if not (folder / "meta.json").is_file():
         t0 = time.time()
         parts = folder.with_name(folder.name + ".parts")  # finished parts survive a kill: a rerun goes on from them
-        parts.mkdir(parents=True, exist_ok=True)
         layout = file_parts(path, chunk_bytes, part_rows)
         if not layout:
             raise UserError(f"{path}: the file has no rows")
-        jobs = [(path, part, plan["format"], plan["columns"], plan["system"], parts / f"{k:06d}.npz")
-                for k, part in enumerate(layout) if k % world == rank and not (parts / f"{k:06d}.npz").is_file()]
+        # A part file is named by its byte range (row-group slice): parts of another chunk size never mix in.
+        files = [parts / f"{'-'.join(map(str, part))}.npz" for part in layout]
+        jobs = [(path, part, plan["format"], plan["columns"], plan["system"], file)
+                for k, (part, file) in enumerate(zip(layout, files)) if k % world == rank and not file.is_file()]
+        if jobs:  # (a rank without parts creates nothing: rank 0 may have merged and removed the folder already)
+            parts.mkdir(parents=True, exist_ok=True)
         workers = cfg.num_workers or len(os.sched_getaffinity(0))
         tokenize_parts(jobs, tok, workers, f"tokenizing {path.name}" + (f" (rank {rank})" if world > 1 else ""), log)
         if rank == 0:
-            for k in range(len(layout)):
-                wait_for(parts / f"{k:06d}.npz", f"part {k} of {path.name} from rank {k % world}", log)
-            merge_parts(plan, parts, len(layout), cfg, folder, workers * world)
+            for k, file in enumerate(files):
+                wait_for(file, f"part {k} of {path.name} from rank {k % world}", log)
+            merge_parts(plan, files, cfg, folder, workers * world)
             shutil.rmtree(parts, ignore_errors=True)
             if log:
                 log(f"[data] tokenized {path} in {time.time() - t0:.1f} s")
@@ -575,7 +630,11 @@ def plan_stage(sources: list[Source], tok: Tokenizer, cfg: DataConfig, log=print
         raise UserError("a stage needs at least one data source")
     plans = [plan_source(s, tok, cfg, log) for s in sources]
     key = _key([Path(p["folder"]).name for p in plans] + [[s.weight for s in sources], cfg.seed, cfg.max_len])
-    return dict(sources=plans, packs=str(Path(cfg.cache_dir) / f"packs-{key}-{code_hash(*CODE_PACKS)}"))
+    folder = Path(cfg.cache_dir) / f"packs-{key}-{code_hash(*CODE_PACKS)}"
+    if not (folder / "meta.json").is_file():
+        for stale in folder.parent.glob(f"{folder.name}.tmp*"):  # left by a run killed while packing
+            shutil.rmtree(stale, ignore_errors=True)
+    return dict(sources=plans, packs=str(folder))
 
 
 def build_stage(sources: list[Source], tok: Tokenizer, cfg: DataConfig, log: Callable[[str], None] | None = print,
@@ -667,6 +726,21 @@ class ShowConfig(DataConfig):
     system: str = ""               # force a system message: "cautious", "empty" or literal text; "" keeps the file's
 
 
+def first_example(path: Path, fmt: str, skip_bad: bool) -> Conversation:
+    """The file's first example, to show; a malformed record is a UserError naming its line (or row), or skipped."""
+    records = (r for part in file_parts(path) for batch in read_part(path, part) for r in batch)
+    for n, raw in enumerate(records):  # line numbers (parquet rows from 0) as merge_parts counts them
+        try:
+            record = read_record(raw)
+            if record is not None:
+                return parse_record(record, fmt)
+        except ValueError as e:
+            if not skip_bad:
+                where = f"{path} row {n}" if path.suffix == ".parquet" else f"{path}:{n + 1}"
+                raise UserError(f"{where}: {e} (--skip_bad_lines=true skips and counts bad records)") from None
+    raise UserError(f"{path}: no examples in the file" + (" that can be read" if skip_bad else ""))
+
+
 def main(cfg: ShowConfig) -> None:
     """Show the first example as trained on (the supervised text inside ⟦ ⟧), then tokenize and pack the file."""
     path = Path(cfg.file)
@@ -674,8 +748,11 @@ def main(cfg: ShowConfig) -> None:
     source = Source(path.stem, str(path), erase=cfg.erase, system=forced)
     tok = Tokenizer.from_pretrained(cfg.tokenizer)
     fmt, _ = detect_file_format(path)
-    first = next(r for batch in read_part(path, file_parts(path)[0]) for r in batch if read_record(r) is not None)
-    conv = override_system(parse_record(read_record(first), fmt), source_system(source))
+    try:  # an unusable cache folder is the user's to fix, before any work is done
+        Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--cache_dir {cfg.cache_dir}: cannot create it ({e.strerror})") from None
+    conv = override_system(first_example(path, fmt, cfg.skip_bad_lines), source_system(source))
     ids, sup, _ = tok.encode_docs([render_segments(conv)])
     print(f"==== first example of {path} (format {fmt}); supervised text inside ⟦ ⟧ ====")
     if conv.original_system is not None:

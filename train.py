@@ -6,20 +6,17 @@
     torchrun --standalone --nproc_per_node=8 train.py --config=configs/orca2-7b.json
     sbatch configs/slurm-orca2-13b.sh                                # the paper's 4 x 8 A100s, preemptible
 
-What happens, in order (all visible in main()): resolve the config -> set up the device mesh -> prepare every
-stage's data (ranks share the tokenizing; cached, keyed by inputs and code) -> build the model on the meta device,
-shard it with FSDP2 under torchrun, load the initial weights tensor by tensor -> for each curriculum stage, for each
-step: batches, train_step per micro-batch (loss summed over teacher tokens / supervised tokens of the whole global
-batch), clip, AdamW step, log, checkpoint -> an HF export at the end of each stage -> answer a held-out prompt.
+In order (all visible in train()): config -> device mesh -> every stage's data (ranks share the tokenizing; cached,
+keyed by inputs and code) -> the model, built on the meta device, sharded with FSDP2 under torchrun, filled tensor by
+tensor -> per stage, per step: batches, train_step per micro-batch, clip, AdamW, log, checkpoint -> an HF export per
+stage -> the answer to a held-out prompt. A step's loss is summed over every micro-batch on every rank and divided by
+the supervised tokens of the global batch: accumulation or more ranks give one big batch's update. Checkpoints are
+sharded torch distributed checkpoints and the data position is the global step: a resume is exact on any rank count.
 
-Loss normalisation: each optimizer step sums the token losses of every micro-batch on every rank and divides by the
-number of supervised tokens in the whole global batch, so gradient accumulation or more ranks give the same update
-as one big batch. Checkpoints are torch distributed checkpoints (sharded, reshardable to another number of ranks);
-the data position is the global step, so a resume continues on exactly the packs it would have seen.
-
-Preemption: SIGTERM or SIGUSR1 makes every rank finish the current optimizer step, write a checkpoint and exit with
-code 75 (EX_TEMPFAIL: "try again"); rerunning the same command resumes exactly. During data preparation the ranks
-stop at once (finished parts of the cache are kept); a checkpoint save or export in progress completes first.
+Preemption: on SIGTERM or SIGUSR1 every rank finishes its optimizer step (or save, or export), a checkpoint is written
+and the ranks exit with code 75 (EX_TEMPFAIL); the same command resumes. During data preparation they stop at once,
+keeping the cache's finished parts. torchrun forwards SIGTERM (SIGUSR1 with --signals-to-handle only) and kills its
+workers --shutdown-timeout seconds later (default 30: allow a step and a checkpoint). Exit codes: 0, 2 user error, 75.
 """
 
 import dataclasses
@@ -30,6 +27,7 @@ import os
 import shutil
 import signal
 import struct
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record
+from tqdm import tqdm
 
 import cli
 import data
@@ -60,18 +59,15 @@ class TrainConfig(data.DataConfig):
     # model and tokenizer
     model: str = str(STORIES260K)  # start from: an HF folder (LLaMA-2, Orca 2), a llama2.c .bin file, or a
                                    # ModelArgs preset name (tiny, llama2-7b, ...: random init)
-    tokenizer: str = ""            # tokenizer.model or folder; "" = the model's own (a folder's tokenizer.model,
-                                   # tok<vocab>.model beside a llama2.c file, LLaMA-2's for a preset)
+    tokenizer: str = ""            # tokenizer.model or folder; "" = the model's own (LLaMA-2's for a preset)
     # curriculum: stages as dicts {name, sources: [{name, path, weight, erase, system}], epochs, lr, warmup_ratio,
     # min_lr_ratio} (orca2.Stage); empty = one stage on `data`, with prompt erasing
     stages: list = field(default_factory=list)
-    data: str = "miniature"        # that one stage's data file; "miniature" = tasks.py's problems answered by its
-                                   # teacher under the fitting strategies (written to <out_dir>/data)
+    data: str = "miniature"        # that one stage's data file ("miniature": tasks.py's problems, in <out_dir>/data)
     epochs: int = 2                # that one stage's epochs
     lr: float = 5e-3               # that one stage's peak learning rate
     max_steps: int = 0             # stop each stage after this many optimizer steps (0 = run all epochs)
-    max_len: int = 1024            # packed row length in tokens (the paper: 4096); positions restart per example,
-                                   # so a row may be longer than the model's context, each example may not
+    max_len: int = 1024            # tokens per packed row (paper: 4096); may exceed the context, an example may not
     # batch: global_batch packed rows per optimizer step over all ranks, micro_batch rows per rank per forward;
     # gradient accumulation = global_batch / (micro_batch * data-parallel ranks)
     global_batch: int = 2
@@ -106,22 +102,20 @@ class TrainConfig(data.DataConfig):
 
 
 def check_config(cfg: TrainConfig) -> None:
-    for key in ("dtype", "export_dtype"):
-        if getattr(cfg, key) not in ("bfloat16", "float32") + (("auto",) if key == "dtype" else ()):
-            raise UserError(f"{key} must be 'bfloat16' or 'float32', got {getattr(cfg, key)!r}")
+    if cfg.dtype not in ("auto", "bfloat16", "float32") or cfg.export_dtype not in ("bfloat16", "float32"):
+        raise UserError(f"dtype takes auto/bfloat16/float32, export_dtype bfloat16/float32: got {cfg.dtype!r}, "
+                        f"{cfg.export_dtype!r}")
     if min(cfg.keep_last, cfg.global_batch, cfg.micro_batch, cfg.max_len) < 1:
         raise UserError("keep_last, global_batch, micro_batch and max_len must be at least 1")
 
 
-def curriculum(cfg: TrainConfig, rank: int) -> list[orca2.Stage]:
+def curriculum(cfg: TrainConfig, rank: int, group) -> list[orca2.Stage]:
     """The stages from the config; the demo's miniature data is written first (rank 0; the others see it)."""
     if not cfg.stages:
-        path = cfg.data
-        if cfg.data == "miniature":
-            path = str(Path(cfg.out_dir) / "data" / "miniature.jsonl")
-            if rank == 0 and not Path(path).is_file():
-                tasks.write_data(tasks.make_splits(data_seed=1234, n_train=2000, n_test=100)["train"], Path(path))
-            barrier()
+        path = str(Path(cfg.out_dir) / "data" / "miniature.jsonl") if cfg.data == "miniature" else cfg.data
+        if cfg.data == "miniature" and rank == 0 and not Path(path).is_file():
+            tasks.write_data(tasks.make_splits(data_seed=1234, n_train=2000, n_test=100)["train"], Path(path))
+        barrier(group)  # the others wait for it
         return [orca2.Stage("orca2", [orca2.Source("data", path, erase=True)], epochs=cfg.epochs, lr=cfg.lr)]
     stages = []
     for i, s in enumerate(cfg.stages):
@@ -141,11 +135,10 @@ def curriculum(cfg: TrainConfig, rank: int) -> list[orca2.Stage]:
 
 
 def setup_distributed(cfg: TrainConfig):
-    """(rank, world, device, mesh). torchrun sets RANK/WORLD_SIZE; without them this is one plain process."""
+    """(rank, world, device, mesh, prep_group). torchrun sets RANK/WORLD_SIZE; without them this is one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     if cfg.dp_replicate < 1 or world % cfg.dp_replicate:
         raise UserError(f"dp_replicate={cfg.dp_replicate} must divide the world size {world}")
     per_rank = cfg.global_batch / (cfg.micro_batch * world)
@@ -154,18 +147,20 @@ def setup_distributed(cfg: TrainConfig):
         raise UserError(f"global_batch={cfg.global_batch} is not micro_batch={cfg.micro_batch} x {world} ranks x an "
                         f"integer accumulation; micro_batch values that work with {world} ranks: {ok or 'none'}")
     if "RANK" not in os.environ:
-        return rank, world, device, None
+        return rank, world, device, None, None
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             timeout=datetime.timedelta(seconds=cfg.timeout_s))
     from torch.distributed.device_mesh import init_device_mesh
-    if cfg.dp_replicate > 1:  # HSDP: shard inside a group, replicate across groups
-        mesh = init_device_mesh(device.type, (cfg.dp_replicate, world // cfg.dp_replicate),
-                                mesh_dim_names=("replicate", "shard"))
-    else:
-        mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
-    return rank, world, device, mesh
+    # HSDP (dp_replicate > 1): shard inside a replica group (a node), replicate across the groups
+    shape = (cfg.dp_replicate, world // cfg.dp_replicate) if cfg.dp_replicate > 1 else (world,)
+    names = ("replicate", "shard") if cfg.dp_replicate > 1 else ("shard",)
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
+    # Data preparation may keep rank 0 busy for hours (hashing, merging): its one broadcast and barrier use a CPU
+    # group of their own that waits a week, not timeout_s; everything else in it waits on files (data.wait_for).
+    prep_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
+    return rank, world, device, mesh, prep_group
 
 
 def print0(*args):
@@ -179,23 +174,13 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def barrier():
+def barrier(group=None):
     if dist.is_initialized():
-        dist.barrier()
-
-
-def broadcast(obj):
-    """Rank 0's value of a picklable object on every rank."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+        dist.barrier(group=group)
 
 
 class Preemption(Exception):
-    """SIGTERM / SIGUSR1 arrived. During data preparation it is raised at once; later it only sets `requested`, and
-    the training loop checkpoints at the end of the current optimizer step."""
+    """SIGTERM / SIGUSR1 arrived: raised at once during data preparation; later the handler only sets `requested`."""
     requested = False
     immediate = True
 
@@ -210,12 +195,7 @@ class Preemption(Exception):
 # ---- model: build on meta, shard, then fill with weights ----
 
 
-def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    return getattr(torch, cfg.dtype) if cfg.dtype != "auto" else \
-        (torch.bfloat16 if device.type == "cuda" else torch.float32)
-
-
-def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, mesh) -> Transformer:
+def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, mesh, dtype: torch.dtype) -> Transformer:
     if Path(cfg.model).exists():
         config, tensors = read_checkpoint(cfg.model)
         args = ModelArgs.from_hf_config(config, f"{cfg.model}/config.json")
@@ -234,7 +214,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, mesh) -
     if mesh is not None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         # Compute in cfg.dtype; sharded fp32 master weights, AdamW states and gradient reduction.
-        mp = MixedPrecisionPolicy(param_dtype=compute_dtype(cfg, device), reduce_dtype=torch.float32)
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         for block in model.model.layers:
             fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
@@ -320,8 +300,7 @@ def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
 
 def checkpoint_dirs(out_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first; a directory only gets its final name once fully written."""
-    root = out_dir / "checkpoints"
-    return sorted(p for p in root.glob("ckpt-*") if p.is_dir() and not p.name.endswith(".tmp")
+    return sorted(p for p in (out_dir / "checkpoints").glob("ckpt-*") if not p.name.endswith(".tmp")
                   and (p / "train_state.json").is_file())
 
 
@@ -332,7 +311,8 @@ def save_checkpoint(model, opt, state: dict, cfg: TrainConfig, rank: int):
     final = root / f"ckpt-{state['global_step']:08d}"
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob("ckpt-*.tmp"):  # this one, or any left by a run killed while saving
+            shutil.rmtree(stale)
         tmp.mkdir(parents=True)
     barrier()
     model_sd, optim_sd = get_state_dict(model, opt)
@@ -341,11 +321,10 @@ def save_checkpoint(model, opt, state: dict, cfg: TrainConfig, rank: int):
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     barrier()
     if rank == 0:
-        rng = torch.get_rng_state().tolist()
-        extra = dict(state, config=dataclasses.asdict(cfg), torch_rng_state=rng)
+        extra = dict(state, config=dataclasses.asdict(cfg), torch_rng_state=torch.get_rng_state().tolist())
         (tmp / "train_state.json").write_text(json.dumps(extra, indent=1))
         shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)  # atomic: a crash before this line leaves only a *.tmp folder, never a complete-looking one
+        os.replace(tmp, final)  # atomic: a kill before this line leaves a *.tmp folder, never a complete-looking one
         for old in checkpoint_dirs(Path(cfg.out_dir))[:-cfg.keep_last]:
             shutil.rmtree(old)
     barrier()
@@ -384,14 +363,13 @@ def export_hf(model: Transformer, tok: Tokenizer, dst: Path, cfg: TrainConfig, r
 
 # ---- throughput accounting ----
 
-# Dense bf16 tensor-core peak per GPU, by the full name torch reports, from each vendor data sheet.
+# Dense bf16 peak by the full name torch reports (an H100 PCIe is no H100 SXM); data sheets say twice, with sparsity
 PEAK_BF16_FLOPS = {
-    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12,  # A100 data sheet
+    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12,  # A100 data sheet: SXM and PCIe alike
     "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA A100-PCIE-40GB": 312e12,
-    "NVIDIA H100 80GB HBM3": 989e12,  # H100 SXM5 data sheet (1979 with sparsity)
-    "NVIDIA H100 PCIe": 756e12,       # H100 PCIe data sheet
-    "NVIDIA H100 NVL": 835e12,        # H100 NVL data sheet (1671 with sparsity, per GPU)
-    "NVIDIA H200": 989e12,            # H200 SXM data sheet
+    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12,  # H100 data sheet: SXM, PCIe
+    "NVIDIA H100 NVL": 835e12,  # H100 data sheet: NVL, per GPU
+    "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12,  # H200 data sheet: SXM, NVL
 }
 
 
@@ -410,14 +388,16 @@ def step_flops(args: ModelArgs, n_tok: float, n_sup: float, pairs: float) -> flo
 
 
 def peak_flops(device: torch.device) -> float | None:
-    """The device's dense bf16 peak, or None (MFU not reported) for a device missing from the table."""
-    return PEAK_BF16_FLOPS.get(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    """The device's dense bf16 peak, or None (MFU not reported): on a CPU, or a GPU missing from the table."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    if name is not None and name not in PEAK_BF16_FLOPS:
+        print0(f"unknown device {name!r}, MFU not reported (add its dense bf16 peak to train.PEAK_BF16_FLOPS)")
+    return PEAK_BF16_FLOPS.get(name)
 
 
 def attention_pairs(batch: dict, pad_id: int) -> int:
     """sum of L_i^2 over the real documents: a document of length L has positions 0..L-1 and sum(2p+1) = L^2."""
-    real = batch["input_ids"] != pad_id
-    return int(((2 * batch["position_ids"] + 1) * real).sum())
+    return int(((2 * batch["position_ids"] + 1) * (batch["input_ids"] != pad_id)).sum())
 
 
 # ---- the training loop ----
@@ -425,54 +405,60 @@ def attention_pairs(batch: dict, pad_id: int) -> int:
 
 def main(cfg: TrainConfig):
     check_config(cfg)
+    previous = {}  # the caller's handlers, back at the end (main may be called from Python: tests, other commands)
     for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, Preemption.handler)
+        previous[sig] = signal.signal(sig, Preemption.handler)
     Preemption.requested, Preemption.immediate = False, True
-    rank, world, device, mesh = setup_distributed(cfg)
+    rank, world, device, mesh, prep_group = setup_distributed(cfg)
     try:
-        return train(cfg, rank, world, device, mesh)
+        return train(cfg, rank, world, device, mesh, prep_group)
     except Preemption as e:
-        print(f"[rank {rank}] {e} during data preparation: stopped; finished parts of the cache are kept, rerun the "
-              f"same command to continue", flush=True)
+        print(f"[rank {rank}] {e} during data preparation: stopped, exiting with code {PREEMPTED}; finished parts of "
+              "the cache are kept, rerun the same command to continue", flush=True)
         raise SystemExit(PREEMPTED) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, mesh):
+def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, mesh, prep_group):
     out_dir = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed)
     print0(f"config: {json.dumps(dataclasses.asdict(cfg), indent=1)}")
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    stages = curriculum(cfg, rank)
+    stages = curriculum(cfg, rank, prep_group)
     tok = Tokenizer.from_pretrained(cfg.tokenizer or default_tokenizer(cfg))
-    # Data first, for every stage: the ranks split the tokenizing (num_workers is per node), rank 0 merges and
-    # packs, and nobody waits in a collective, so no timeout can end the job however long it takes.
+    # Every stage's data first. Rank 0 fingerprints the files once (the cache keys: all ranks must agree), the ranks
+    # split the tokenizing (num_workers is per node), rank 0 merges and packs, the others poll for it (no timeout).
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     data_cfg = dataclasses.replace(cfg, num_workers=max(1, (cfg.num_workers or len(os.sched_getaffinity(0))) // local))
-    plans = broadcast([data.plan_stage(s.sources, tok, data_cfg, log=print0) for s in stages] if rank == 0 else None)
+    plans = [[data.plan_stage(s.sources, tok, data_cfg, log=print0) for s in stages] if rank == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(plans, src=0, group=prep_group)
     packs = [data.build_stage(s.sources, tok, data_cfg, log=print0, plan=p, rank=rank, world=world)[0]
-             for s, p in zip(stages, plans)]
-    Preemption.immediate = False  # from here on a signal lets the current step (or save) finish
+             for s, p in zip(stages, plans[0])]
+    Preemption.immediate = False  # from here on a signal lets the current step (or save, or export) finish
+    per_epoch = [data.steps_per_epoch(len(p), cfg.global_batch) for p in packs]
+    totals = [min(n * s.epochs, cfg.max_steps or math.inf) for n, s in zip(per_epoch, stages)]  # optimizer steps
     for si, stage in enumerate(stages):
-        print0(f"stage {si + 1} {stage.name!r}: {stage_steps(len(packs[si]), stage, cfg)} optimizer steps")
+        print0(f"stage {si + 1}/{len(stages)} {stage.name!r}: {per_epoch[si]} steps/epoch x {stage.epochs} epochs, "
+               f"{totals[si]} steps, peak lr {stage.lr:g}")
     if cfg.dry_run:
         return None
-    model = build_model(cfg, tok.vocab_size, device, mesh)
-    longest = max(p.meta["longest"] for p in packs)
-    if longest > model.args.max_seq_len:
-        raise UserError(f"the data holds examples of up to {longest} tokens, but the model's context is "
-                        f"{model.args.max_seq_len}: set --max_len={model.args.max_seq_len} (examples longer than "
-                        "max_len are dropped, or cut with --on_too_long=truncate)")
-    n_params = sum(p.numel() for p in model.parameters())
+    auto = torch.bfloat16 if device.type == "cuda" else torch.float32  # a CPU computes in float32 unless asked
+    dtype = auto if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    model = build_model(cfg, tok.vocab_size, device, mesh, dtype)
+    longest, ctx = max(p.meta["longest"] for p in packs), model.args.max_seq_len
+    if longest > ctx:
+        raise UserError(f"the data holds examples of up to {longest} tokens, but the model's context is {ctx}: set "
+                        f"--max_len={ctx} (longer examples are dropped, or cut with --on_too_long=truncate)")
     accum = cfg.global_batch // (cfg.micro_batch * world)
-    dtype = compute_dtype(cfg, device)
-    print0(f"model: {n_params:,} parameters, {model.args}; {world} rank(s), global batch {cfg.global_batch} rows = "
-           f"micro {cfg.micro_batch} x {world} ranks x {accum} accumulation steps of {cfg.max_len} tokens; "
-           f"computing in {dtype}")
+    print0(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {model.args}; computing in {dtype}")
+    print0(f"global batch {cfg.global_batch} = {cfg.micro_batch} rows x {world} rank(s) x {accum} accumulation steps")
     opt = make_optimizer(model, cfg)
     found = checkpoint_dirs(out_dir)
     if found and not cfg.resume:
@@ -485,47 +471,44 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, mesh):
     # One process: autocast over fp32 weights. Under FSDP the MixedPrecisionPolicy casts the parameters instead.
     autocast = torch.autocast(device.type, dtype=dtype, enabled=mesh is None and dtype != torch.float32)
     peak = peak_flops(device)
-    metrics = open(out_dir / "metrics.jsonl", "a") if rank == 0 else None
     for si, stage in enumerate(stages):
         if si < state["stage"]:
             continue
-        packed = packs[si]
-        per_epoch = data.steps_per_epoch(len(packed), cfg.global_batch)
-        total = stage_steps(len(packed), stage, cfg)
-        print0(f"stage {si + 1}/{len(stages)} {stage.name!r}: {per_epoch} steps/epoch x {stage.epochs} epochs, "
-               f"{total} steps, peak lr {stage.lr:g}")
+        packed, total = packs[si], totals[si]
         if state["step"] == 0:  # each stage starts from the previous weights with a fresh optimizer and schedule
             opt = make_optimizer(model, cfg)
-        bar = tqdm_bar(total, state["step"], f"stage {si + 1} {stage.name}", rank)
+        bar = tqdm(total=total, initial=state["step"], desc=f"stage {si + 1}", unit="step", disable=rank != 0)
         while state["step"] < total:
+            # A signal during the last step (or export, or save: they completed)? All ask, as it may reach them apart.
+            if all_reduce_sum(torch.tensor(float(Preemption.requested), device=device)).item():
+                save_checkpoint(model, opt, state, cfg, rank)
+                print(f"[rank {rank}] preempted: checkpoint at step {state['global_step']} written, exiting with code "
+                      f"{PREEMPTED}; rerun the same command to continue", flush=True)
+                raise SystemExit(PREEMPTED)
             if cfg.stop_at_step and state["global_step"] >= cfg.stop_at_step:
                 save_checkpoint(model, opt, state, cfg, rank)
                 print0(f"stopped at step {state['global_step']} (stop_at_step); to continue, rerun with a larger "
                        "stop_at_step or without it")
-                return finish(metrics)
+                return None
             t0 = time.perf_counter()
             step = state["step"]
-            epoch, step_in_epoch = divmod(step, per_epoch)
+            epoch, step_in_epoch = divmod(step, per_epoch[si])
             order = data.epoch_order(len(packed), epoch, cfg.seed)
             mine = data.rank_packs(order, step_in_epoch, cfg.global_batch, rank, world)
             batches = [data.get_batch(packed, mine[m * cfg.micro_batch:(m + 1) * cfg.micro_batch], cfg.max_len,
                                       tok.pad_id) for m in range(accum)]
             # The denominator is known before any backward: the supervised tokens of the whole global batch.
-            counts = torch.tensor([sum(b["num_supervised"] for b in batches), sum(b["num_tokens"] for b in batches),
-                                   sum(attention_pairs(b, tok.pad_id) for b in batches)], dtype=torch.float64,
-                                  device=device)
-            n_sup, n_tok, pairs = all_reduce_sum(counts).tolist()
+            counts = [sum(b["num_supervised"] for b in batches), sum(b["num_tokens"] for b in batches),
+                      sum(attention_pairs(b, tok.pad_id) for b in batches)]
+            n_sup, n_tok, pairs = all_reduce_sum(torch.tensor(counts, dtype=torch.float64, device=device)).tolist()
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for m, b in enumerate(batches):
-                if mesh is not None and mesh.ndim == 2:  # HSDP: one cross-replica all-reduce, after the last micro-batch
+                if mesh is not None and mesh.ndim == 2:  # HSDP: one cross-replica all-reduce, after the last one
                     model.set_requires_all_reduce(m == accum - 1)
                 # (the reduce-scatter runs every micro-batch: skipping it would keep unsharded fp32 gradients)
                 # FSDP averages gradients over the ranks; the factor `world` turns that mean back into a sum.
                 loss_sum += train_step(model, b, device, world / max(n_sup, 1), autocast)
-            # One all-reduce for the loss and for "has any rank been asked to stop?" (the signal reaches them apart)
-            loss_and_stop = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(Preemption.requested),
-                                                                              dtype=torch.float64, device=device)]))
-            loss_value, stop = loss_and_stop[0].item() / max(n_sup, 1), loss_and_stop[1].item() > 0
+            loss_value = all_reduce_sum(loss_sum).item() / max(n_sup, 1)
             if not math.isfinite(loss_value):
                 last = checkpoint_dirs(out_dir)
                 raise UserError(f"loss is {loss_value} at stage {stage.name!r} step {step}; stopped before the "
@@ -537,47 +520,33 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, mesh):
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
             opt.step()
             opt.zero_grad(set_to_none=True)
-            grad_norm = norm.item()  # a host read: the step's device work is done before the clock stops
+            grad_norm = norm.item()  # a host read after opt.step: the step's device work is done before the clock stops
             dt = time.perf_counter() - t0
             state["step"] += 1
             state["global_step"] += 1
             rec = dict(stage=stage.name, step=state["step"], global_step=state["global_step"], loss=loss_value, lr=lr,
                        grad_norm=grad_norm, tokens=int(n_tok), supervised_tokens=int(n_sup),
                        tok_s=n_tok / dt, sup_tok_s=n_sup / dt)
-            if peak:
+            if peak:  # the whole step (batches, forward, backward, collectives, AdamW) against every rank's peak
                 rec["mfu"] = step_flops(model.args, n_tok, n_sup, pairs) / dt / (peak * world)
-            if metrics:
-                metrics.write(json.dumps(rec) + "\n")
-                metrics.flush()
-            if bar:
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{rec['tok_s']:.0f}",
-                                sup_tok_s=f"{rec['sup_tok_s']:.0f}", **({"mfu": f"{rec['mfu']:.1%}"} if peak else {}))
-                bar.update(1)
-            if stop:
-                save_checkpoint(model, opt, state, cfg, rank)
-                print0(f"preempted: checkpoint at step {state['global_step']} written; exiting with code {PREEMPTED}. "
-                       "Rerun the same command to continue.")
-                finish(metrics)
-                raise SystemExit(PREEMPTED)
+            if rank == 0:  # appended line by line: a resumed run goes on where the interrupted one stopped
+                with open(out_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{rec['tok_s']:.0f}",
+                            **({"mfu": f"{rec['mfu']:.1%}"} if peak else {}))
+            bar.update(1)
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total:
                 save_checkpoint(model, opt, state, cfg, rank)
-        if bar:
-            bar.close()
+        bar.close()
         export_hf(model, tok, out_dir / "export" / f"stage{si + 1}-{stage.name}", cfg, rank)
         state = {"stage": si + 1, "step": 0, "global_step": state["global_step"]}
         save_checkpoint(model, opt, state, cfg, rank)  # marks the stage done: a resume starts the next one
-        if all_reduce_sum(torch.tensor(float(Preemption.requested), device=device)).item():
-            print0(f"preempted at the end of stage {si + 1}; exiting with code {PREEMPTED}. Rerun to continue.")
-            finish(metrics)
-            raise SystemExit(PREEMPTED)
     export_hf(model, tok, out_dir / "export" / "final", cfg, rank)
     held_out_answer(model, tok, cfg, device)
-    finish(metrics)
 
 
 def held_out_answer(model: Transformer, tok: Tokenizer, cfg: TrainConfig, device: torch.device):
-    """The trained model answers cfg.prompt under the cautious system message; under FSDP every rank runs the
-    forward passes and rank 0's token choices are broadcast, so the ranks stay in step."""
+    """Answer cfg.prompt under the cautious system message; under FSDP every rank runs it, on rank 0's tokens."""
     prompt = tok.encode_prompt(orca2.CAUTIOUS_SYSTEM_MESSAGE, cfg.prompt)
     answer = model.generate([prompt], cfg.max_new_tokens, stop_ids=tok.stop_ids, temperature=cfg.temperature,
                             top_p=cfg.top_p, pad_id=tok.pad_id, generator=torch.Generator(device).manual_seed(cfg.seed),
@@ -589,30 +558,23 @@ def held_out_answer(model: Transformer, tok: Tokenizer, cfg: TrainConfig, device
     except ValueError:
         return
     said = text.rsplit("Answer:", 1)[-1].strip() if "Answer:" in text else None
-    strategy = next((k for k, o in tasks.OPENINGS.items() if text.startswith(o)), None)
+    used = text.startswith(tasks.OPENINGS[problem.kind])  # each strategy's answers open with its own words
     print0(f"(the right answer is {problem.answer}: {'correct' if said == problem.answer else 'wrong'}; strategy "
-           f"{tasks.FITS[problem.kind]!r} fits this task, the student "
-           f"{'used it' if strategy == problem.kind else 'did not'})")
-
-
-def finish(metrics):
-    if metrics:
-        metrics.close()
-
-
-def stage_steps(num_packs: int, stage: orca2.Stage, cfg: TrainConfig) -> int:
-    total = data.steps_per_epoch(num_packs, cfg.global_batch) * stage.epochs
-    return min(total, cfg.max_steps) if cfg.max_steps else total
-
-
-def tqdm_bar(total: int, initial: int, desc: str, rank: int):
-    if rank != 0:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+           f"{tasks.FITS[problem.kind]!r} fits this task, the student {'used it' if used else 'did not'})")
 
 
 if __name__ == "__main__":
     # record() reports a rank's crash (a bug) with its traceback through torchrun; cli.run, inside it, turns a user
-    # error into one line and exit code 2 first.
-    record(cli.run)(main, TrainConfig, __doc__)
+    # error into one line and exit code 2 first. A torchrun worker then leaves without interpreter shutdown: DTensor's
+    # caches keep the process groups (and gloo's threads) alive past destroy_process_group, and destroying them during
+    # shutdown can abort a finished run ("terminate called without an active exception"). Its files are closed.
+    try:
+        record(cli.run)(main, TrainConfig, __doc__)
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    if "RANK" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

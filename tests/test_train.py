@@ -1,13 +1,19 @@
 """train.py: exact loss normalisation across accumulation and ranks (FSDP2, HSDP, multi-node on gloo), exact and
-elastic resume, export, overfitting, config errors. Each run trains a small LLaMA from an HF folder with the
-tiny 512-piece tokenizer, so the vocabulary grows 512 -> 515 on load just as LLaMA-2's grows 32000 -> 32003."""
+elastic resume, export, overfitting, config errors; bfloat16 on CPU; preemption (SIGTERM / SIGUSR1: checkpoint, exit
+75, exact resume); data preparation shared by the ranks outlasting the collective timeout. Each run trains a small
+LLaMA from an HF folder with the tiny 512-piece tokenizer, so the vocabulary grows 512 -> 515 on load just as
+LLaMA-2's grows 32000 -> 32003."""
 
+import filecmp
 import json
 import os
 import random
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -34,7 +40,8 @@ def setup(tmp_path_factory):
         for i in range(48):
             q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12)))
             r = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 16)))
-            f.write(json.dumps({"id": str(i), "system_prompt": "Think step by step.", "question": q, "response": r}) + "\n")
+            record = {"id": str(i), "system_prompt": "Think step by step.", "question": q, "response": r}
+            f.write(json.dumps(record) + "\n")
     return root
 
 
@@ -46,29 +53,54 @@ def args_for(setup, out, **over):
     return [f"--{k}={v}" for k, v in opts.items()]
 
 
-def run(argv, nproc=0, extra_env=None, nnodes=0):
-    """Run train.py in-process (nproc=0) or under torchrun with nproc processes on gloo."""
+def command(argv, nproc=0):
+    """`python train.py ...` (nproc=0) or torchrun with nproc processes on one node."""
+    if nproc == 0:
+        return [sys.executable, "train.py", *argv]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return launcher + ["train.py", *argv]
+
+
+def run(argv, nproc=0, extra_env=None, nnodes=0) -> str:
+    """Run train.py in-process (nproc=0) or under torchrun with nproc processes on gloo; torchrun's output."""
     if nproc == 0:
         import train
         train.main(cli.parse(train.TrainConfig, argv))
-        return
+        return ""
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", **(extra_env or {}))
+    cmds = [command(argv, nproc)]
     if nnodes:  # several launchers on 127.0.0.1, one per "node", meeting at a c10d rendezvous
         cmds = [[sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
                  "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test", "train.py", *argv]
                 for _ in range(nnodes)]
-    else:
-        cmds = [[sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                 "train.py", *argv]]
     procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for c in cmds]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     for p, o in zip(procs, outs):
         if p.returncode:
-            (ROOT / "out").mkdir(exist_ok=True)
-            (ROOT / "out" / f"failed-run-{p.pid}.log").write_text("\n".join(outs))
+            save_log(p.pid, "\n".join(outs))
         assert p.returncode == 0, o[-3000:]
+    return "\n".join(outs)
+
+
+def save_log(pid: int, text: str):
+    (ROOT / "out").mkdir(exist_ok=True)
+    (ROOT / "out" / f"failed-run-{pid}.log").write_text(text)
+
+
+def start(argv, nproc, log):
+    """train.py in the background, its output to the file `log`."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen(command(argv, nproc), cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def wait_until(condition, proc, what, timeout=120):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended (code {proc.returncode}) before {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 def free_port() -> int:
@@ -125,10 +157,12 @@ def test_two_node_launch_equals_one_process(setup, reference):
     assert_same_training(reference, out)
 
 
-def test_hsdp_four_ranks_equal_one_process(setup, reference):
-    out = setup / "hsdp"
-    run(args_for(setup, out, dp_replicate=2), nproc=4)
-    assert_same_training(reference, out)
+def test_hsdp_four_ranks_with_accumulation_equal_one_process(setup):
+    """2 replicas x 2 shards, micro-batch 1, global batch 8: 2 accumulation steps, one cross-replica all-reduce."""
+    one, hsdp = setup / "one-batch8", setup / "hsdp"
+    run(args_for(setup, one, global_batch=8, micro_batch=8))
+    run(args_for(setup, hsdp, global_batch=8, dp_replicate=2), nproc=4)
+    assert_same_training(one, hsdp)
 
 
 def test_resume_is_exact(setup, reference):
@@ -178,7 +212,8 @@ def test_nan_loss_stops_with_last_checkpoint_intact(setup):
     (["--nope=1"], "unknown option --nope"),
     (["--lr=fast"], "--lr takes a number, got 'fast'"),
     (["--global_batch=6", "--micro_batch=4"], "micro_batch values that work with 1 ranks: \\[1, 2, 3, 6\\]"),
-    (["--data=/no/such.jsonl", "--stages=[{\"name\": \"s\", \"sources\": [{\"name\": \"x\", \"path\": \"/no/such.jsonl\"}]}]"],
+    (["--data=/no/such.jsonl",
+      '--stages=[{"name": "s", "epochs": 1, "lr": 1e-5, "sources": [{"name": "x", "path": "/no/such.jsonl"}]}]'],
      "stage 's', source 'x': data file /no/such.jsonl does not exist"),
 ])
 def test_config_errors_are_clear(argv, message):
@@ -213,3 +248,179 @@ def test_a_dead_rank_ends_the_job_with_a_clear_message(setup):
 def test_a_fresh_run_refuses_an_out_dir_with_checkpoints(setup, reference):
     with pytest.raises(cli.UserError, match="holds checkpoints of an earlier run"):
         run(args_for(setup, reference, resume=False))
+
+
+# ---- bfloat16 on CPU: the GPU code path (autocast in one process, FSDP's MixedPrecisionPolicy under torchrun) ----
+
+
+@pytest.fixture(scope="module")
+def bf16_run(setup):
+    out = setup / "bf16"
+    run(args_for(setup, out, dtype="bfloat16"))
+    return out
+
+
+def test_bfloat16_on_cpu_trains_close_to_float32(setup, reference, bf16_run):
+    fp32, bf16 = losses(reference), losses(bf16_run)
+    assert bf16[-1] < bf16[0] - 0.3  # it trains
+    diffs = [abs(a - b) / a for a, b in zip(fp32, bf16)]
+    assert max(diffs) < 0.02, diffs  # close to float32 ...
+    assert max(diffs) > 0, "bfloat16 gave float32's losses bit for bit: it did not compute in bfloat16"  # ... not it
+    assert all(w.dtype == torch.float32 for w in weights(bf16_run).values())  # float32 master weights
+
+
+def test_bfloat16_two_ranks_equal_one_rank_and_sample_in_step(setup, bf16_run):
+    """FSDP2 casts the parameters to bfloat16 and reduces gradients in float32; one process autocasts. The held-out
+    answer is sampled (temperature > 0) with rank 0's token choices broadcast, so the ranks cannot fall out of step."""
+    out = setup / "bf16-fsdp2"
+    output = run(args_for(setup, out, dtype="bfloat16", temperature=0.8, top_p=0.9), nproc=2)
+    one, two = losses(bf16_run), losses(out)
+    assert abs(one[0] - two[0]) <= 5e-3 * one[0], (one, two)
+    assert all(abs(a - b) <= 2e-2 * a for a, b in zip(one, two)), (one, two)
+    assert "computing in torch.bfloat16" in output
+    assert re.search(r"held-out prompt \(cautious system message\): the cat\nanswer:\n\S", output), output[-2000:]
+
+
+def test_peak_flops_by_full_device_name(monkeypatch, capsys):
+    """MFU's denominator: dense bf16 peaks by the exact name torch reports; a name missing from the table (or only
+    a prefix of one) reports no MFU, and says so once."""
+    import train
+    cuda = torch.device("cuda", 0)
+    table = {"NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA H100 80GB HBM3": 989e12,
+             "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12, "NVIDIA H200": 989e12}
+    for name, peak in table.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert train.peak_flops(cuda) == peak, name
+    assert capsys.readouterr().out == ""
+    for name in ("NVIDIA H100", "NVIDIA GeForce RTX 4090"):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert train.peak_flops(cuda) is None
+        assert capsys.readouterr().out == f"unknown device {name!r}, MFU not reported (add its dense bf16 peak to " \
+                                          "train.PEAK_BF16_FLOPS)\n"
+    assert train.peak_flops(torch.device("cpu")) is None
+
+
+# ---- preemption: SIGTERM / SIGUSR1 -> finish the step, checkpoint, exit 75; the same command resumes exactly ----
+
+
+@pytest.fixture(scope="module")
+def long_reference(setup):
+    """80 steps uninterrupted: long enough to signal a run in the middle."""
+    out = setup / "ref80"
+    run(args_for(setup, out, epochs=10, max_steps=80))
+    return out
+
+
+def preempt_and_resume(setup, out, nproc, sig=signal.SIGTERM) -> str:
+    """Start the run, signal it (torchrun forwards) once metrics.jsonl has 3 lines, rerun the same command."""
+    argv = args_for(setup, out, epochs=10, max_steps=80)
+    log = setup / f"{out.name}.log"
+    proc = start(argv, nproc, log)
+    wait_until(lambda: (out / "metrics.jsonl").exists() and len(losses(out)) >= 3, proc, "3 training steps")
+    proc.send_signal(sig)
+    code = proc.wait(timeout=120)
+    output = log.read_text()
+    done = len(losses(out))
+    if nproc == 0:
+        assert code == 75, output[-3000:]
+    for rank in range(max(nproc, 1)):  # every worker checkpointed and left with the documented code
+        assert f"[rank {rank}] preempted: checkpoint at step {done} written, exiting with code 75" in output, output
+    assert 3 <= done < 80 and (out / "checkpoints" / f"ckpt-{done:08d}" / "train_state.json").is_file()
+    assert not (out / "export" / "final").exists()
+    again = start(argv, nproc, log.with_suffix(".rerun.log"))  # the same command again
+    assert again.wait(timeout=300) == 0, log.with_suffix(".rerun.log").read_text()[-3000:]
+    return output
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_signal_one_process_checkpoints_and_resumes_exactly(setup, long_reference, sig):
+    out = setup / f"preempt-{sig.name}"
+    preempt_and_resume(setup, out, nproc=0, sig=sig)
+    assert_same_training(long_reference, out)
+
+
+def test_sigterm_to_torchrun_checkpoints_every_rank_and_resumes_exactly(setup, long_reference):
+    out = setup / "preempt-2ranks"
+    output = preempt_and_resume(setup, out, nproc=2)
+    assert "Received Signals.SIGTERM death signal" in output or "Received 15 death signal" in output, output
+    assert_same_training(long_reference, out)
+
+
+# ---- data preparation: shared by the ranks, no collective timeout, interruptible, byte-identical caches ----
+
+
+@pytest.fixture(scope="module")
+def big_data(setup):
+    """~32 MB of short OpenOrca-layout records (short records cost the most per byte), 2% exact duplicates, some
+    too long for max_len: 2 ranks tokenize and merge it in ~10 s on 2 CPU cores, twice timeout_s=5."""
+    rng = random.Random(1)
+    vocab = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(3000)]
+    lines, size = [], 0
+    while size < 32e6:
+        if lines and rng.random() < 0.02:
+            line = rng.choice(lines)
+        else:
+            record = {"id": str(len(lines)), "system_prompt": rng.choice(["", "Think step by step."]),
+                      "question": " ".join(rng.choices(vocab, k=rng.randint(1, 6))).capitalize() + "?",
+                      "response": " ".join(rng.choices(vocab, k=rng.randint(1, 8))) + "."}
+            line = json.dumps(record)
+        lines.append(line)
+        size += len(line) + 1
+    path = setup / "big.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def data_args(setup, big_data, cache, out):
+    # num_workers is per node: 2 ranks get 1 tokenizer each, one process a pool of 2 (the caches record 2 either way)
+    return args_for(setup, out, data=big_data, cache_dir=cache, num_workers=2, max_steps=2)
+
+
+@pytest.fixture(scope="module")
+def two_rank_prep(setup, big_data):
+    """2 ranks with a 5 s collective timeout: each tokenizes half the parts, rank 0 merges, rank 1 polls for it."""
+    cache = setup / "cache-2ranks"
+    output = run(data_args(setup, big_data, cache, setup / "prep-2ranks") + ["--timeout_s=5"], nproc=2)
+    return cache, output
+
+
+def test_data_preparation_outlasts_the_collective_timeout(two_rank_prep):
+    cache, output = two_rank_prep
+    seconds = float(re.search(r"\[data\] tokenized \S+ in ([\d.]+) s", output).group(1))
+    assert seconds > 5, f"preparation took {seconds} s: make big_data bigger for this machine"
+    assert "stage 1/1 'orca2'" in output and "answer:" in output  # then it trained, exported and answered
+
+
+def same_tree(a, b) -> list[str]:
+    """Relative paths of every file under a and b; asserts the two trees hold the same bytes."""
+    files = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
+    match, mismatch, errors = filecmp.cmpfiles(a, b, files, shallow=False)
+    assert not mismatch and not errors, (mismatch, errors)
+    return files
+
+
+def test_sigterm_during_data_preparation_keeps_the_cache_usable(setup, big_data, two_rank_prep):
+    """One process with 2 tokenizer workers, signalled once a part is done: it exits 75 at once, and the same command
+    then finishes the cache from the parts kept, byte-identical to the 2-rank build; temporary folders of killed
+    runs are removed."""
+    cache, out = setup / "cache-1process", setup / "prep-1process"
+    argv = data_args(setup, big_data, cache, out)
+    proc = start(argv, 0, setup / "prep-1process.log")
+    wait_until(lambda: any(cache.glob("*.parts/*.npz")), proc, "the first finished part")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 75
+    assert "during data preparation: stopped, exiting with code 75" in (setup / "prep-1process.log").read_text()
+    tokens = next(cache.glob("tokens-*.parts")).with_suffix("")
+    assert not (tokens / "meta.json").exists()
+    # what a kill -9 leaves during a merge, a packing, a part's write
+    packs = next(two_rank_prep[0].glob("packs-*")).name
+    stale = [tokens.with_name(tokens.name + ".tmp99999"), cache / f"{packs}.tmp99999"]
+    for folder in stale:
+        folder.mkdir()
+    (tokens.with_name(tokens.name + ".parts") / "0-1.npz.tmp99999.npz").write_bytes(b"half a part")
+    proc = start(argv, 0, setup / "prep-1process-again.log")
+    assert proc.wait(timeout=300) == 0, (setup / "prep-1process-again.log").read_text()[-3000:]
+    assert not any(p.exists() for p in stale) and not list(cache.glob("*.parts"))
+    files = same_tree(two_rank_prep[0], cache)
+    assert any(f.endswith("ids.bin") for f in files) and any(f.endswith("pack_offsets.bin") for f in files)
