@@ -209,9 +209,9 @@ def scale_case(rows: int) -> dict:
     if proc.returncode:
         raise RuntimeError(f"data.py failed on {path}:\n{(work / 'data.py.log').read_text()[-3000:]}")
     (meta,) = [json.loads(m.read_text()) for m in (work / "cache").glob("tokens-*/meta.json")]
-    said = re.search(r"\[data\] tokenized .* in ([0-9.]+) s", (work / "data.py.log").read_text())
+    said = re.search(r"\[data\] tokenized .* in ([0-9.]+) s by (\d+) process", (work / "data.py.log").read_text())
     assert said, f"data.py no longer logs its tokenizing time; see {work / 'data.py.log'}"
-    return dict(rows=meta["lines"], examples=meta["examples"], tokens=meta["tokens"], workers=meta["workers"],
+    return dict(rows=meta["lines"], examples=meta["examples"], tokens=meta["tokens"], workers=int(said[2]),
                 mbytes=path.stat().st_size / 1e6, wall_s=wall, tokenize_s=float(said[1]), peak_rss_tree=peak_rss,
                 peak_pss_tree=peak_pss, cpu_s=sum(cpu[p] for p in tree))
 

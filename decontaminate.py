@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 import cli
-import data
+import formats
 from benchmarks import DEFAULT_DATA_DIR, item_text, load_benchmark
 from cli import UserError
 from orca2 import BENCHMARKS
@@ -161,13 +161,14 @@ def check_part(table: dict, job: tuple) -> dict:
     """The flagged examples (record numbers within the part) and matched items of one part of a training file."""
     path, part, fmt = job
     items, records, n, examples, errors = [np.zeros(0, np.int32)], [np.zeros(0, np.int64)], 0, 0, 0
-    for batch in data.read_part(path, part):
+    for batch in formats.read_part(path, part):
         texts, owner = [], []  # system, user and response texts; the record each is from
-        for k, record in enumerate(batch, n):
-            if isinstance(record, bytes) and not record.strip():
-                continue  # a blank JSONL line holds no example
+        for k, raw in enumerate(batch, n):
             try:
-                conv = data.parse_record(json.loads(record) if isinstance(record, bytes) else record, fmt)
+                record = formats.read_record(raw)
+                if record is None:
+                    continue  # a blank JSONL line holds no example
+                conv = formats.parse_record(record, fmt)
                 texts += [conv.system] + [t for turn in conv.turns for t in turn]
                 owner += [k] * (1 + 2 * len(conv.turns))
                 examples += 1
@@ -200,10 +201,10 @@ def _worker_part(job: tuple) -> dict:
 def check_files(paths: list[str], table: dict, num_workers: int = 0) -> dict[str, dict]:
     """Per training file: examples, flagged (record numbers, 0-based: JSONL lines or parquet rows), skipped bad
     records, and (item, first record) of every matched item."""
-    jobs, formats = [], {}
+    jobs = []
     for p in paths:
-        formats[p] = data.detect_file_format(Path(p))[0]
-        jobs += [(Path(p), part, formats[p]) for part in data.file_parts(Path(p))]
+        layout = formats.detect_file_format(Path(p))[0]
+        jobs += [(Path(p), part, layout) for part in formats.file_parts(Path(p))]
     workers = num_workers or len(os.sched_getaffinity(0))
     out = {p: dict(records=0, examples=0, errors=0, flagged=[], items={}) for p in paths}
     with tempfile.TemporaryDirectory() as folder:

@@ -39,7 +39,7 @@ import cli
 from answers import answer_rule, check_answer
 from client import Cache, Endpoint, Failure, Reply, request_key
 from cli import UserError
-from data import detect_file_format, file_parts, read_part, read_record
+from formats import detect_file_format, file_parts, read_part, read_record
 from orca2 import STRATEGIES
 
 TASK_KEYS = {"flan": ("inputs", "targets"), "qa": ("question", "answer")}  # task layout -> (input, gold) fields

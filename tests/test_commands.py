@@ -313,7 +313,7 @@ def reachable(module: str, graph: dict) -> dict[str, list[str]]:
     return via
 
 
-@pytest.mark.parametrize("module", ["answers", "benchmarks", "client", "cli", "decontaminate"])
+@pytest.mark.parametrize("module", ["answers", "benchmarks", "client", "cli", "decontaminate", "formats", "synth"])
 def test_module_does_not_import_torch(module):
     """Not directly, nor through the project modules it imports (what runs at import time: data.py imports torch
     inside get_batch only, for the commands that make batches)."""

@@ -19,6 +19,7 @@ import pytest
 import client
 import servers
 import data
+import formats
 import synth
 import tasks
 from cli import UserError
@@ -358,7 +359,7 @@ def test_the_command_line_says_one_line_errors_and_a_dry_run_sends_nothing(task_
         (rc, out, err), (url_rc, _, url_err), (dry_rc, dry_out, dry_err) = (
             (p.wait(timeout=60), *p.communicate()) for p in procs.values())
     assert rc == 2 and err == f"error: {odd}:1: unknown column layout, found columns ['prompt', 'completion']; " \
-                              f"expected one of: {'; '.join(line for _, line in data.FORMATS.values())}\n"
+                              f"expected one of: {'; '.join(line for _, line in formats.FORMATS.values())}\n"
     assert url_rc == 2 and url_err.startswith(f"error: {dead}: cannot connect") and url_err.count("\n") == 1
     assert dry_rc == 0 and dry_err == "" and "selection: teacher mini: 48 requests (0 cached)" in dry_out
     assert "generation: 53 teacher requests, 37 beyond the selection answers" in dry_out and "characters / 4" in dry_out

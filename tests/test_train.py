@@ -372,7 +372,7 @@ def big_data(setup):
 
 
 def data_args(setup, big_data, cache, out):
-    # num_workers is per node: 2 ranks get 1 tokenizer each, one process a pool of 2 (the caches record 2 either way)
+    # num_workers is per node: 2 ranks get 1 tokenizer each, one process a pool of 2
     return args_for(setup, out, data=big_data, cache_dir=cache, num_workers=2, max_steps=2)
 
 
