@@ -1,7 +1,4 @@
-"""Reading answers out of free-form model outputs and scoring them (ORCA2.md 7), without torch, for evaluate.py
-(benchmarks) and synth.py (a teacher's answers). The rules read what a careful grader reads: the last explicit
-conclusion wins; a hypothetical, a hedge or a list of options is none; text after an invented next turn is ignored.
-DROP is scored exactly as OpenAI simple-evals' drop_metric scores drop_v0_dev: one string against each gold.
+"""Reading answers out of model outputs as a careful grader does, and scoring them (ORCA2.md 7), without torch.
 
     python answers.py "She sells 9 eggs at $2: 9 * 2 = 18. Answer: $18" 18   # prints: rule, answer read, correct
 """
@@ -17,8 +14,7 @@ from benchmarks import LETTERS, Item
 # ---- conclusions: where an output says its answer ----
 
 END_OF_TURN = re.compile(r"<\|im_(?:start|end)\|>")  # the model invents a next turn: the rest is not its answer
-# "(final/correct/...) answer" or "correct/best/right/final option/choice", then a verb or a colon; "####" (GSM8K)
-# and "\boxed{" (LaTeX). "answer" alone (the verb) is none. "is not (A), it is (C)" reads what follows "it is".
+# "answer is", "correct option:", "####" (GSM8K), "\boxed{"; not the verb "answer"; "is not (A), it is (C)" reads (C)
 CUE = re.compile(r"(?:(?<!wrong )(?<!this )\banswer(?:\s+to\s+(?:the|this)\s+question)?"
                  r"|\b(?:correct|best|right|final)\s+(?:option|choice))"
                  r"\s*(?:(?:is|must\s+be|should\s+be|will\s+be|(?P<conditional>would|could|might)\s+be)\b|[:=])"
@@ -33,19 +29,16 @@ REFUSAL = re.compile(r"\b(?:cannot|can't|can not|unable to)\s+(?:be\s+)?determin
 
 @functools.lru_cache(maxsize=16)  # the rules ask about the same output many times: split it once
 def hypothetical_sentences(text: str) -> list[tuple[int, int]]:
-    """(start, end) of each sentence that imagines another case ("if ... would", "suppose ... could")."""
     ends = [m.end() for m in SENTENCE_END.finditer(text)] + [len(text)]
     spans = zip([0, *ends], ends)
     return [(s, e) for s, e in spans if HYPOTHETICAL.search(text, s, e) and CONDITIONAL.search(text, s, e)]
 
 
 def hypothetical(text: str, pos: int) -> bool:
-    """Whether pos lies in such a sentence."""
     return any(start <= pos < end for start, end in hypothetical_sentences(text))
 
 
 def conclusions(text: str) -> list[int]:
-    """Where the phrase after each cue starts; a conditional cue ("would be") counts only without a plain one."""
     cues = [m for m in CUE.finditer(text) if not hypothetical(text, m.start())]
     plain = [m for m in cues if not m["conditional"]]
     return [m.end() for m in (plain or cues)]
@@ -60,7 +53,6 @@ def phrase_at(text: str, pos: int, paragraph: bool = False) -> tuple[str, int]:
 
 
 def last_sentence(text: str) -> tuple[str, int]:
-    """(the output's last non-empty sentence, its offset)."""
     limit = len(text.rstrip())
     starts = [0] + [m.end() for m in SENTENCE_END.finditer(text) if m.end() < limit]
     start = len(text) - len(text[starts[-1]:].lstrip())
@@ -70,8 +62,7 @@ def last_sentence(text: str) -> tuple[str, int]:
 def first_read(text: str, read, otherwise: tuple[str | None, int]) -> tuple[str | None, int]:
     """What read() finds after the last conclusion naming an answer, else `otherwise` (none after a refusal)."""
     reads = (read(*phrase_at(text, pos)) for pos in reversed(conclusions(text)))  # lazily, the last first
-    found = next(filter(None, reads), None)
-    return found or ((None, -1) if REFUSAL.search(text) else otherwise)
+    return next(filter(None, reads), None) or ((None, -1) if REFUSAL.search(text) else otherwise)
 
 
 # ---- numbers ----
@@ -101,7 +92,6 @@ def canon_number(s: str) -> str | None:
 
 
 def number_value(m: re.Match) -> str | None:
-    """The canonical value of a NUMBER match ("\\frac{3}{2}" -> "1.5", "twenty-one" -> "21")."""
     if m["den"]:
         return canon_number(str(Decimal(m["num"]) / Decimal(m["den"]))) if Decimal(m["den"]) else None
     if m["digits"]:
@@ -116,7 +106,6 @@ def number_value(m: re.Match) -> str | None:
 
 
 def numbers_in(text: str, start: int = 0) -> list[re.Match]:
-    """The numbers in text[start:]: in digits, or spelled out only when there are none in digits."""
     found = list(NUMBER.finditer(text, start))
     return [m for m in found if not m["words"]] or found
 
@@ -129,7 +118,6 @@ def result_span(s: str) -> tuple[int, int]:
 
 
 def read_number(phrase: str, at: int) -> tuple[str | None, int] | None:
-    """A calculation's result, else the first number after an "After ...," clause and before the explanation."""
     cut = EXPLANATION.search(phrase)
     main = phrase[:cut.start()] if cut else phrase
     if NUMBER_HEDGE.search(main):
@@ -155,8 +143,7 @@ LETTER_VERDICT = re.compile(  # "Option C is correct", "(C) ... is the best", "w
 LISTED = re.compile(r"\(([A-R])\)|^\s*([A-R])[.)](?:\s|$)|\b[Oo]ption\s+([A-R])\b", re.M)  # "(B)", "B. ..."
 
 
-def plain(s: str) -> str:
-    """Its words only, lowercased and padded: option texts compare so ("$5 m+4 p$" ~ "$5m+4p$")."""
+def plain(s: str) -> str:  # words only, lowercased, padded: option texts compare so ("$5 m+4 p$" ~ "$5m+4p$")
     return " " + " ".join(re.findall(r"\w+", s.lower())) + " "
 
 
@@ -197,22 +184,19 @@ MEANING = re.compile(r"(?P<neg>(?:\bnot|n't|\bnever)\s+)?\b(?:(?P<yes>yes|true|p
 LABEL_AFTER = re.compile(r"\s*(?:[.,;:!)\"'\]]|$|or\b)")  # "yes"/"no" stand alone as labels: "so no, we"
 
 
-def meanings(text: str, start: int, end: int) -> list[tuple[int, int]]:
-    """(offset, 0 for yes / 1 for no) of every word meaning yes or no in text[start:end]."""
-    out = []
+def meanings(text: str, start: int, end: int):  # yields (offset, 0 for yes / 1 for no)
     for m in MEANING.finditer(text, start, end):  # the last group matched is "yes" or "no", after "neg"
         word = m[m.lastgroup].lower()
         if word in ("yes", "no") and not LABEL_AFTER.match(text, m.end()):
             continue
         flip = bool(m["neg"]) and word not in ("yes", "no", "true", "false")
-        out.append((m.start() if flip else m.start(m.lastgroup), int(m.lastgroup == "no") ^ flip))
-    return out
+        yield m.start() if flip else m.start(m.lastgroup), int(m.lastgroup == "no") ^ flip
 
 
 def extract_label(text: str, labels: list[str]) -> tuple[str | None, int]:
     """A label by meaning: after the last conclusion its first word or one meaning, else the last meaning."""
     def read(phrase: str, at: int) -> tuple[str | None, int] | None:
-        found = meanings(text, at, at + len(phrase))
+        found = list(meanings(text, at, at + len(phrase)))
         first = bool(found) and not re.search(r"\w", text[at:found[0][0]])
         hedged = first and re.match(r"\w+\s+or\b", text[found[0][0]:])  # "Yes or no", "true or false"
         if (first or len({v for _, v in found}) == 1) and not hedged:
@@ -223,9 +207,8 @@ def extract_label(text: str, labels: list[str]) -> tuple[str | None, int]:
 
 
 # ---- free-form answers: DROP, bracket and word sequences ----
-# A DROP answer drops asides "(...)" and explanations (", who ...", " because ..."); a calculation gives its result;
-# a lone number loses its unit ("46 yards", "In 1085") or its sentence ("The longest was 53 yards"), but stays in
-# a phrase ("under the age of 18", "Super Bowl 50"); dates read "30 September 1686"; spans are joined with " and ".
+# A DROP answer as drop_v0_dev writes one: no aside or explanation; a calculation's result; a lone number without
+# its unit ("In 1085") or sentence ("The longest was 53 yards"), but kept in a phrase ("Super Bowl 50").
 
 MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"
 US_DATE = re.compile(rf"\b({MONTHS})\s+(\d{{1,2}})(?:st|nd|rd|th)?\b(?:,?\s+(\d{{3,4}})\b)?")  # "September 30, 1686"
@@ -239,7 +222,6 @@ SPAN_COMMA = re.compile(r"\s*,(?!\d{3}\b)\s*(?:and\s+)?")  # "Jones, Washington"
 
 
 def read_text(phrase: str, at: int) -> tuple[str | None, int] | None:
-    """The answer phrase as drop_v0_dev writes answers (see the section comment)."""
     lead = len(phrase) - len(phrase.lstrip(" \"'*"))
     head = PARENTHESIS.sub("", phrase[lead:])
     head = EXPLANATION.split(head, 1)[0].rstrip(" \"'*.,:}$")  # the explanation goes
@@ -263,7 +245,6 @@ SEQUENCE_START = re.compile(r":|\b(?:is|are)\b")  # without a cue: "Sorted: ..."
 
 
 def extract_sequence(text: str, kind: str, task: str) -> tuple[str | None, int]:
-    """Brackets or words, space-separated, after the last conclusion, else the last ":"/"is", else the last sentence."""
     starts = conclusions(text) or [m.end() for m in SEQUENCE_START.finditer(text)] or [last_sentence(text)[1]]
     block, at = phrase_at(text, starts[-1], paragraph=True)
     if kind == "words":
@@ -279,14 +260,13 @@ def extract_sequence(text: str, kind: str, task: str) -> tuple[str | None, int]:
     return (" ".join(brackets), at) if brackets else (None, -1)
 
 
-# ---- the API: benchmark items, and synth.py's golds ----
+# ---- the API (benchmark items, synth.py's golds) and scoring; DROP as simple-evals' drop_metric ----
 
 
 def extract(item: Item, output: str) -> tuple[str | None, int]:
     """(the answer a grader reads in the output by the item's kind, its offset in output; -1 when None)."""
-    text = END_OF_TURN.split(output, 1)[0]
     # markdown bold and code marks blanked, the Unicode minus made "-": same length, so offsets stay true
-    text = text.replace("**", "  ").replace("`", " ").replace("\u2212", "-")
+    text = END_OF_TURN.split(output, 1)[0].replace("**", "  ").replace("`", " ").replace("\u2212", "-")
     if item.kind == "choice":
         return extract_choice(text, LETTERS[:len(item.choices)], item.choices)
     if item.kind == "binary":
@@ -320,11 +300,6 @@ def check_answer(output: str, gold: str, rule: str) -> tuple[str | None, bool]:
     return answer, score_answer(item, answer)["correct"]
 
 
-# ---- scoring; DROP as simple-evals' drop_metric (one string against each gold string) ----
-
-ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
-
-
 def is_number(text: str) -> bool:
     """Whether float() reads text, the official test for a number token."""
     try:
@@ -336,11 +311,10 @@ def is_number(text: str) -> bool:
 
 def drop_normalize(text: str) -> str:
     """The official normalisation, token by token: lower, punctuation (not in numbers), numbers, articles."""
-    out = []
-    for tok in re.split(" |-", text.lower()):  # the official tokeniser splits on spaces and hyphens only
-        tok = tok if is_number(tok) else "".join(c for c in tok if c not in string.punctuation)
-        out.append(str(float(tok)) if is_number(tok) else tok)
-    return " ".join(ARTICLES.sub(" ", " ".join(out)).split())  # articles and empty tokens go, one space between
+    toks = re.split(" |-", text.lower())  # the official tokeniser splits on spaces and hyphens only
+    toks = [t if is_number(t) else "".join(c for c in t if c not in string.punctuation) for t in toks]
+    toks = [str(float(t)) if is_number(t) else t for t in toks]
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", " ".join(toks)).split())  # articles, empty tokens go
 
 
 def drop_metrics(prediction: str | None, golds: list[str]) -> tuple[float, float]:

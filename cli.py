@@ -3,10 +3,8 @@
     python train.py --help                               # every option: type, default, meaning
     python train.py --config=configs/orca2-7b.json --micro_batch 1 --activation_checkpointing=yes
 
-A command is a config dataclass (its field defaults and comments are the options and --help) and main(cfg), which
-Python callers use directly. parse(): defaults < --config FILE.json < --key=value (or --key value), left to right;
-booleans true/false/1/0/yes/no, lists and dicts JSON, unknown keys an error naming the known ones. A mistake in what
-the user gave raises UserError; run() prints it as one line `error: <where>: <what to do>` and exits 2.
+A command is a config dataclass (its fields' defaults and comments are the options and --help) and main(cfg), which
+Python callers use directly. run() prints a UserError as one line `error: <where>: <what to do>` and exits 2.
 """
 
 import dataclasses
@@ -18,40 +16,31 @@ import sys
 import tokenize
 from pathlib import Path
 
+
 class UserError(ValueError):
     """Something the user supplied is wrong; the message says where and what to do. Printed without a traceback."""
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """field name -> what the class source says of it: the comment beside it and the comment lines indented below
-    that; a field without one gets the heading above it (a comment line at the fields' indentation, "# optimizer")."""
+    """field name -> the comment beside it plus comment lines indented below it, else the heading above it."""
     comments: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):  # a subclass's comment wins over its parent's
-        if not dataclasses.is_dataclass(klass):
-            continue
-        own: dict[str, list[str]] = {}
-        headed: dict[str, str] = {}
-        heading, field, body, line_start, after_heading = [], None, None, True, False
+    for klass in filter(dataclasses.is_dataclass, reversed(cls.__mro__)):  # parents first: a subclass's comment wins
+        own, above, heading, field, body = {}, {}, [], None, None
         for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(klass)).readline):
+            text = tok.string.lstrip("#").strip()
             if tok.type == tokenize.INDENT and body is None:
                 body = tok.end[1]  # the class body's indentation: where field names start
-            elif tok.type == tokenize.COMMENT:
-                text = tok.string.lstrip("#").strip()
-                if field and (not line_start or tok.start[1] > body):  # beside the field, or a continuation line
-                    own[field].append(text)
-                elif line_start and tok.start[1] == body:  # a heading for the fields below it
-                    heading = heading + [text] if after_heading else [text]
-                    field, after_heading = None, True
-            elif line_start and tok.start[1] == body and tok.type in (tokenize.NAME, tokenize.OP, tokenize.STRING):
-                field = tok.string if tok.string in klass.__dataclass_fields__ else None  # a field, a def, ...
-                after_heading = False
+            elif tok.type == tokenize.COMMENT and field and tok.start[1] > body:
+                own[field].append(text)  # beside the field, or a comment line indented below it
+            elif tok.type == tokenize.COMMENT and tok.start[1] == body:  # a heading ("# optimizer") for fields below
+                heading = heading + [text] if field is None else [text]  # None: the previous line was a heading
+                field = None
+            elif tok.start[1] == body and tok.type in (tokenize.NAME, tokenize.OP, tokenize.STRING):
+                field = tok.string if tok.string in klass.__dataclass_fields__ else ""  # "": a def, a docstring, ...
                 if field:
-                    own[field], headed[field] = [], " ".join(heading)
-            line_start = tok.type in (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT)
-        for name in own:
-            text = " ".join(own[name]) or headed[name]
-            if text or name not in comments:
-                comments[name] = text
+                    own[field], above[field] = [], " ".join(heading)
+        texts = {name: " ".join(own[name]) or above[name] for name in own}
+        comments |= {name: text for name, text in texts.items() if text or name not in comments}
     return comments
 
 
@@ -75,10 +64,9 @@ def convert(key: str, value, t, where: str):
             value = json.loads(value) if base in (list, dict) else base(value)
         except ValueError:
             raise UserError(f"{where}: {key} takes {KINDS[type_name(base)]}, got {value!r}") from None
-    ok = isinstance(value, base) and (base is bool or not isinstance(value, bool))
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
-    if not ok:
+    if base is float and type(value) is int:  # JSON's 2 for a float field
+        value = float(value)
+    if not isinstance(value, base) or (isinstance(value, bool) and base is not bool):
         raise UserError(f"{where}: {key} takes {KINDS.get(type_name(base), type_name(t))}, got {value!r}")
     if base is float and not math.isfinite(value):  # float("nan") parses, and a NaN learning rate trains on silently
         raise UserError(f"{where}: {key} takes a finite number, got {value!r}")
@@ -90,26 +78,22 @@ def convert(key: str, value, t, where: str):
 
 def help_text(cls: type, doc: str) -> str:
     comments = field_comments(cls)
-    rows = []
+    rows = [(doc or "").strip(), "", "Options (--key=value or --key value; --config FILE.json sets many):"]
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         option = f"  --{f.name}  ({type_name(f.type)}, default {json.dumps(default)})"
-        rows.append(f"{option}\n      {comments.get(f.name, '')}")
-    return (doc or "").strip() + "\n\nOptions (--key=value or --key value; --config FILE.json sets many):\n" + \
-        "\n".join(rows) + "\n"
+        rows += [option, f"      {comments.get(f.name, '')}"]
+    return "\n".join(rows) + "\n"
 
 
 def parse(cls: type, argv: list[str], doc: str = "", positional: tuple[str, ...] = ()):
-    """A `cls` instance from argv: defaults, then --config files and --key=value in order; positional arguments fill
-    the fields named in `positional`. --help prints `doc` and every field, then exits 0."""
+    """A `cls` from argv: defaults, then --config files and --key=value in order; bare arguments fill `positional`."""
     types = {f.name: f.type for f in dataclasses.fields(cls)}
     if "-h" in argv or "--help" in argv:
         print(help_text(cls, doc))
         raise SystemExit(0)
-    values, free, i = {}, list(positional), 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
+    values, free, args = {}, list(positional), iter(argv)
+    for arg in args:
         if not arg.startswith("--"):
             if not free:
                 raise UserError(f"unexpected argument {arg!r}; options are --key=value (see --help)")
@@ -118,10 +102,9 @@ def parse(cls: type, argv: list[str], doc: str = "", positional: tuple[str, ...]
         key, eq, raw = arg[2:].partition("=")
         if key != "config" and key not in types:
             raise UserError(f"unknown option --{key}; known options: {', '.join('--' + k for k in types)}")
-        if not eq:
-            if i >= len(argv):
-                raise UserError(f"--{key} needs a value")
-            raw, i = argv[i], i + 1
+        raw = raw if eq else next(args, None)
+        if raw is None:
+            raise UserError(f"--{key} needs a value")
         if key == "config":
             values.update(read_config_file(raw, types))
         else:

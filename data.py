@@ -4,18 +4,13 @@
     python data.py data/1M-GPT4-Augmented.parquet --erase=true --max_len=2048 --on_too_long=truncate
     python data.py decontaminate --train=FILE[,FILE...] --out=report.json              # runs decontaminate.py
 
-Label contract (what train.py relies on). A packed row holds whole documents back to back, each starting at
-position 0. `labels[t]` is the target of the logits at position t, i.e. the NEXT token, already shifted:
-labels[t] = input_ids[t + 1] when token t + 1 is a teacher token of the same document, else -100. So the last token
-of every document is -100 (no label ever points at the next document's first token), and train.py computes
-`cross_entropy(logits, labels)` over the labelled positions with no shifting of its own. Teacher tokens are exactly
-orca2.TARGET, `"\\n" + response + "<|im_end|>"`, of every assistant turn (ORCA2.md 5.1).
+Label contract (train.py relies on it): a packed row holds whole documents back to back, each from position 0;
+labels[t] = input_ids[t + 1] (already shifted) when token t + 1 is a teacher token of the same document, else -100,
+so a document's last label is -100 and train.py takes `cross_entropy(logits, labels)` with no shift of its own.
+Teacher tokens are exactly orca2.TARGET, `"\\n" + response + "<|im_end|>"`, of every assistant turn (ORCA2.md 5.1).
 
-Pipeline: JSONL or parquet file as published (OpenOrca, FLAN, ShareGPT, ...) -> parts (byte ranges, row-group
-slices) -> worker processes (and, under torchrun, every rank): records -> Conversation -> orca2's template -> ids +
-teacher flags, one .npz per part -> merged in file order, exact duplicates dropped -> memory-mapped cache -> best-fit
-packs -> get_batch. Every cache folder is keyed by its inputs, its settings and the source code that makes its bytes
-(CODE_TOKENS, CODE_PACKS): edit the template, the mask or the packing and the next run rebuilds, saying why.
+Pipeline: file (formats.py) -> parts -> worker processes on every rank -> ids + teacher flags, one .npz per part ->
+merged, duplicates dropped -> memory-mapped cache -> best-fit packs -> get_batch. Cache keys include CODE_TOKENS/PACKS.
 """
 
 import hashlib
@@ -39,12 +34,10 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 import formats
-import tokenizer
 from cli import UserError
-from formats import (CHUNK_BYTES, PART_ROWS, Conversation, detect_file_format, file_parts, parse_record, read_part,
-                     read_record)
+from formats import Conversation, detect_file_format, file_parts, parse_record, read_part, read_record
 from orca2 import ERASED_SYSTEM_MESSAGE, FOLLOWUP, PROMPT, SHARED_DATA, SYSTEM_MESSAGES, TARGET, Source
-from tokenizer import Segment, Tokenizer, fill
+from tokenizer import NO_DUMMY_PREFIX, Segment, Tokenizer, fill
 
 LLAMA2_TOKENIZER = SHARED_DATA / "llama2-tokenizer" / "tokenizer.model"
 SAMPLE_DATA = SHARED_DATA / "orca-samples" / "orca_dpo_pairs_validation.jsonl"
@@ -65,8 +58,7 @@ class DataConfig:
 
 
 def render_segments(conv: Conversation) -> list[Segment]:
-    """The training document: prompt (system + first user turn), then each teacher response (supervised) and the
-    next user turn. This is the loss mask: edit the `True`/`False` here to change what is learned."""
+    """The training document, in segments. This is the loss mask: edit `supervised=` here to change what is learned."""
     segs = fill(PROMPT, {"system": conv.system, "user": conv.turns[0][0]}, supervised=False)
     for k, (user, response) in enumerate(conv.turns):
         if k:
@@ -93,17 +85,14 @@ def override_system(conv: Conversation, system: str | None) -> Conversation:
 
 def source_system(source: Source) -> str | None:
     """The system message a source forces: its own `system`, else the generic one when erasing, else None (keep)."""
-    if source.system is not None:
-        return source.system
-    return ERASED_SYSTEM_MESSAGE if source.erase else None
+    return source.system if source.system is not None else ERASED_SYSTEM_MESSAGE if source.erase else None
 
 
 # ---- tokenizing a file into the cache (several processes and ranks) ----
 
 
 @dataclass
-class TokenizedData:
-    """One source, tokenized: all documents back to back in memory-mapped arrays."""
+class TokenizedData:  # one source, tokenized: its documents back to back in memory-mapped arrays
     folder: Path             # its cache folder
     ids: np.ndarray          # (tokens,) uint16 (int32 for vocabularies over 65536)
     sup: np.ndarray          # (tokens,) uint8, 1 where the token is a teacher token
@@ -116,49 +105,38 @@ def _read(path: Path, dtype: str) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
 
 
-def load_tokenized(folder: Path) -> TokenizedData:
-    meta = json.loads((folder / "meta.json").read_text())
-    arrays = dict(ids=meta["dtype"], sup="uint8", offsets="int64", sup_counts="int32")
-    return TokenizedData(folder, *(_read(folder / f"{name}.bin", dtype) for name, dtype in arrays.items()), meta)
-
-
-def code_hash(*objects) -> str:
-    """A hash of the source of functions and the value of constants: what makes a cache's bytes."""
+def cache_key(*objects) -> str:
+    """A hash of what makes a cache's bytes: the source of functions and modules, the value of anything else."""
     text = [inspect.getsource(o) if callable(o) or inspect.ismodule(o) else repr(o) for o in objects]
     return hashlib.sha256("\n".join(text).encode()).hexdigest()[:12]
 
 
-def _tokenize_part(tok: Tokenizer, job: tuple) -> dict:
-    """Per document of one part: ids, teacher flags, length, hash, metadata; per bad record: (number, error)."""
-    path, part, fmt, columns, system = job
+def _tokenize_part(tok: Tokenizer, plan: dict, part: tuple, file: Path) -> None:
     out = dict(ids=[], sup=[], lengths=[], hashes=[], columns=[], errors=[], records=0)
-    for batch in read_part(path, part):
+    for batch in read_part(Path(plan["path"]), part):
         convs = []
         for k, raw in enumerate(batch, out["records"]):
             try:
                 record = read_record(raw)
                 if record is None:
                     continue  # a blank JSONL line holds no example
-                convs.append(override_system(parse_record(record, fmt), system))
+                convs.append(override_system(parse_record(record, plan["format"]), plan["system"]))
                 out["columns"].append({c: v if isinstance(v, str) else json.dumps(v)
-                                       for c, v in zip(columns, map(record.get, columns))})
+                                       for c, v in zip(plan["columns"], map(record.get, plan["columns"]))})
             except ValueError as e:
                 out["errors"].append((k, str(e)))
         out["records"] += len(batch)
         ids, sup, lengths = tok.encode_docs([render_segments(c) for c in convs])  # Python lists of one batch only
-        out["ids"].append(np.array(ids, dtype=np.uint16 if tok.vocab_size <= 1 << 16 else np.int32))
+        out["ids"].append(np.array(ids, dtype=plan["dtype"]))
         out["sup"].append(np.array(sup, np.uint8))
         out["lengths"].append(np.array(lengths, np.int64))
         digests = (hashlib.blake2b(json.dumps([c.system, c.turns]).encode(), digest_size=8).digest() for c in convs)
         out["hashes"].append(np.frombuffer(b"".join(digests), np.uint64))  # exact duplicates: same (system, turns)
     arrays = {k: np.concatenate(out[k]) for k in ("ids", "sup", "lengths", "hashes")}
     text = json.dumps({k: out[k] for k in ("columns", "errors", "records")})
-    return arrays | {"text": np.frombuffer(text.encode(), np.uint8)}
-
-
-def _save_part(result: dict, file: Path) -> None:
+    file.parent.mkdir(parents=True, exist_ok=True)  # only by a rank with parts: rank 0 may have merged them already
     tmp = file.with_name(f"{file.name}.tmp{os.getpid()}.npz")
-    np.savez(tmp, **result)
+    np.savez(tmp, **arrays, text=np.frombuffer(text.encode(), np.uint8))
     os.replace(tmp, file)  # atomic: a part file is complete or absent
 
 
@@ -166,36 +144,29 @@ _WORKER: dict = {}  # per tokenizer process: its Tokenizer (loaded once) and the
 
 
 def _init_worker(model_proto: bytes, added: dict[str, int], pad: str, abort) -> None:
-    # A signal to the whole process tree (Ctrl-C, scancel) is the parent's to handle: a worker killed mid-part
-    # would leave Pool.join() waiting forever. The parent sets `abort` instead, and the workers stop between parts.
+    # Ctrl-C/scancel signal the whole tree, and a worker killed mid-part hangs Pool.join(): the parent sets `abort`.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
     _WORKER.update(tok=Tokenizer(model_proto, added, pad), abort=abort)
 
 
-def _worker_part(job: tuple) -> bool:
+def _worker_part(job: tuple) -> None:
     if not _WORKER["abort"].is_set():
-        _save_part(_tokenize_part(_WORKER["tok"], job[:-1]), job[-1])
-    return True
+        _tokenize_part(_WORKER["tok"], *job)
 
 
 def tokenize_parts(jobs: list[tuple], tok: Tokenizer, workers: int, desc: str, log) -> None:
-    """Tokenize every (path, part, fmt, columns, system, part file) job into its part file, in worker processes."""
-    if not jobs:
-        return
-    # forkserver, not fork: forking a process that runs torch or gloo threads can deadlock the child
-    ctx = get_context("forkserver")
+    """Tokenize every (plan, part, part file) job into its part file, in worker processes."""
+    ctx = get_context("forkserver")  # not fork: forking a process that runs torch or gloo threads can deadlock it
     abort = ctx.Event()
     pool = ctx.Pool(workers, _init_worker, (tok.model_proto, tok.added, tok.pad_token, abort)) \
         if workers > 1 and len(jobs) > 1 else None
     try:
-        done = pool.imap_unordered(_worker_part, jobs) if pool else \
-            (_save_part(_tokenize_part(tok, job[:-1]), job[-1]) for job in jobs)
-        for _ in tqdm(done, total=len(jobs), unit="part", desc=desc, disable=log is None):
+        done = pool.imap_unordered(_worker_part, jobs) if pool else (_tokenize_part(tok, *job) for job in jobs)
+        for _ in tqdm(done, total=len(jobs), unit="part", desc=desc, disable=log is None or not jobs):
             pass
     finally:
-        # No pool.terminate(): a worker killed while writing its result can deadlock the pool. After an error (or a
-        # signal) the workers skip what is left instead, and close/join returns once the parts in flight are done.
+        # No pool.terminate(), which can deadlock on a worker killed mid-write: the workers skip what is left instead.
         if pool is not None:
             abort.set()
             pool.close()
@@ -203,10 +174,8 @@ def tokenize_parts(jobs: list[tuple], tok: Tokenizer, workers: int, desc: str, l
 
 
 def merge_parts(plan: dict, part_files: list[Path], cfg: DataConfig, folder: Path) -> None:
-    """The part files in file order -> one cache folder: exact duplicates and too-long examples dropped (or
-    truncated) and counted, bad records raised or counted. Written to a temporary folder, then renamed."""
+    """The part files, in file order, into one cache folder: what is dropped, truncated or skipped is counted."""
     path, truncate = Path(plan["path"]), cfg.on_too_long == "truncate"
-    where = (lambda n: f"{path} row {n}") if path.suffix == ".parquet" else (lambda n: f"{path}:{n + 1}")  # n from 0
     counts, bad, seen, docs = Counter(lines=0, skipped_bad_lines=0, too_long=0, duplicates=0), [], set(), []
     schema = pa.schema([(c, pa.string()) for c in plan["columns"]])
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
@@ -215,13 +184,12 @@ def merge_parts(plan: dict, part_files: list[Path], cfg: DataConfig, folder: Pat
             pq.ParquetWriter(tmp / "columns.parquet", schema) as f_columns:
         for file in part_files:
             with np.load(file) as z:
-                r = {name: z[name] for name in z.files}
-            r |= json.loads(r.pop("text").tobytes())
+                r = dict(z) | json.loads(z["text"].tobytes())
             for n, message in r["errors"]:  # in file order, so record numbers add up
+                error = _bad_record(path, counts["lines"] + n, message)
                 if not cfg.skip_bad_lines:
-                    raise UserError(f"{where(counts['lines'] + n)}: {message} (--skip_bad_lines=true skips and "
-                                    "counts bad records)")
-                bad += [f"{where(counts['lines'] + n)}: {message}"][:5 - len(bad)]
+                    raise UserError(f"{error} (--skip_bad_lines=true skips and counts them)")
+                bad += [error][:5 - len(bad)]
             # an exact duplicate of an earlier example of the file is dropped (a set of ints: ~70 bytes an example)
             new = np.array([h not in seen and not seen.add(h) for h in r["hashes"].tolist()], bool)
             lengths = r["lengths"]
@@ -238,18 +206,22 @@ def merge_parts(plan: dict, part_files: list[Path], cfg: DataConfig, folder: Pat
             docs.append((lengths, sums[np.cumsum(lengths)] - sums[np.cumsum(lengths) - lengths]))
             f_columns.write_table(pa.Table.from_pylist([c for c, k in zip(r["columns"], keep) if k], schema))
     lengths, sup_counts = (np.concatenate(a) for a in zip(*docs))
-    np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64).tofile(tmp / "offsets.bin")
-    sup_counts.astype(np.int32).tofile(tmp / "sup_counts.bin")
     meta = dict(counts, source=plan["source"], path=str(path), format=plan["format"], system=plan["system"],
-                examples=len(lengths), tokens=int(lengths.sum()), supervised_tokens=int(sup_counts.sum()),
-                max_len=cfg.max_len, dropped_too_long=0 if truncate else counts["too_long"], bad_line_examples=bad,
-                truncated=counts["too_long"] if truncate else 0, columns=plan["columns"],
-                dtype=plan["dtype"])
-    _commit(tmp, folder, meta)
+                columns=plan["columns"], dtype=plan["dtype"], examples=len(lengths), tokens=int(lengths.sum()),
+                supervised_tokens=int(sup_counts.sum()), max_len=cfg.max_len, bad_line_examples=bad,
+                dropped_too_long=0 if truncate else counts["too_long"], truncated=counts["too_long"] if truncate else 0)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    _commit(tmp, folder, meta, offsets=offsets, sup_counts=sup_counts.astype(np.int32))
 
 
-def _commit(tmp: Path, folder: Path, meta: dict) -> None:
-    """Write meta.json last, then move the folder into place: a cache folder with meta.json is complete."""
+def _bad_record(path: Path, n: int, error: object) -> str:
+    return f"{path} row {n}: {error}" if path.suffix == ".parquet" else f"{path}:{n + 1}: {error}"  # n from 0
+
+
+def _commit(tmp: Path, folder: Path, meta: dict, **arrays: np.ndarray) -> None:
+    """Write the arrays, meta.json last, then move the folder into place: a cache folder with meta.json is complete."""
+    for name, array in arrays.items():
+        array.tofile(tmp / f"{name}.bin")
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     try:
         tmp.rename(folder)
@@ -267,11 +239,9 @@ def wait_for(file: Path, what: str, log) -> None:
             log(f"[data] still waiting for {what} ({said} min)")
 
 
-# The code that makes each cache's bytes: an edit to any of these rebuilds the cache by itself (formats.py, which
-# reads the records, as a whole).
-CODE_TOKENS = (Tokenizer.encode_docs, tokenizer.fill, tokenizer.NO_DUMMY_PREFIX, PROMPT, FOLLOWUP, TARGET,
-               ERASED_SYSTEM_MESSAGE, render_segments, override_system, source_system, formats, _tokenize_part,
-               merge_parts)
+# What makes a token cache's bytes (formats.py, which reads the records, as a whole): an edit rebuilds the cache.
+CODE_TOKENS = (Tokenizer.encode_docs, fill, NO_DUMMY_PREFIX, PROMPT, FOLLOWUP, TARGET, ERASED_SYSTEM_MESSAGE,
+               render_segments, override_system, source_system, formats, _tokenize_part, merge_parts)
 
 
 def plan_source(source: Source, tok: Tokenizer, cfg: DataConfig, log=print) -> dict:
@@ -283,8 +253,8 @@ def plan_source(source: Source, tok: Tokenizer, cfg: DataConfig, log=print) -> d
     with open(path, "rb") as f:  # a content hash: the cache follows the bytes, not names or timestamps (~1 GB/s)
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     inputs = [digest, tok.identity, fmt, source_system(source), cfg.max_len, cfg.on_too_long, cfg.skip_bad_lines]
-    name = f"tokens-{re.sub(r'[^A-Za-z0-9_.-]', '_', source.name)}-{_key(inputs)}"
-    folder = Path(cfg.cache_dir) / f"{name}-{code_hash(*CODE_TOKENS)}"
+    name = f"tokens-{re.sub(r'[^A-Za-z0-9_.-]', '_', source.name)}-{cache_key(*inputs)}"
+    folder = Path(cfg.cache_dir) / f"{name}-{cache_key(*CODE_TOKENS)}"
     if not (folder / "meta.json").is_file():
         older = [p for p in folder.parent.glob(f"{name}-*") if (p / "meta.json").is_file()]
         if older and log:
@@ -292,20 +262,16 @@ def plan_source(source: Source, tok: Tokenizer, cfg: DataConfig, log=print) -> d
                 "made; tokenizing again")
         for stale in folder.parent.glob(f"{name}-*.tmp*"):  # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
-        for stale in folder.with_name(folder.name + ".parts").glob("*.tmp*"):
-            stale.unlink()
     else:  # parts a late rank made again after rank 0 had merged them (harmless, but not kept)
         shutil.rmtree(folder.with_name(folder.name + ".parts"), ignore_errors=True)
-    dtype = "uint16" if tok.vocab_size <= 1 << 16 else "int32"
     return dict(source=source.name, path=str(path), format=fmt, columns=columns, system=source_system(source),
-                folder=str(folder), dtype=dtype)
+                folder=str(folder), dtype="uint16" if tok.vocab_size <= 1 << 16 else "int32")
 
 
-def tokenize_source(source: Source, tok: Tokenizer, cfg: DataConfig, chunk_bytes: int = CHUNK_BYTES,
-                    part_rows: int = PART_ROWS, log: Callable[[str], None] | None = print, plan: dict | None = None,
-                    rank: int = 0, world: int = 1) -> TokenizedData:
-    """Tokenize a JSONL or parquet file into the cache (or open it). Under torchrun each rank tokenizes every
-    world-th part with cfg.num_workers processes, rank 0 merges the parts, and the others wait for the result."""
+def tokenize_source(source: Source, tok: Tokenizer, cfg: DataConfig, chunk_bytes: int = formats.CHUNK_BYTES,
+                    part_rows: int = formats.PART_ROWS, log: Callable[[str], None] | None = print,
+                    plan: dict | None = None, rank: int = 0, world: int = 1) -> TokenizedData:
+    """Tokenize a file into the cache (or open it). Under torchrun each rank does every world-th part, rank 0 merges."""
     plan = plan or plan_source(source, tok, cfg, log)
     folder, path = Path(plan["folder"]), Path(plan["path"])
     if not (folder / "meta.json").is_file():
@@ -314,12 +280,9 @@ def tokenize_source(source: Source, tok: Tokenizer, cfg: DataConfig, chunk_bytes
         layout = file_parts(path, chunk_bytes, part_rows)
         if not layout:
             raise UserError(f"{path}: the file has no rows")
-        # A part file is named by its byte range (row-group slice): parts of another chunk size never mix in.
-        files = [parts / f"{'-'.join(map(str, part))}.npz" for part in layout]
-        jobs = [(path, part, plan["format"], plan["columns"], plan["system"], file)
-                for k, (part, file) in enumerate(zip(layout, files)) if k % world == rank and not file.is_file()]
-        if jobs:  # (a rank without parts creates nothing: rank 0 may have merged and removed the folder already)
-            parts.mkdir(parents=True, exist_ok=True)
+        files = [parts / f"{'-'.join(map(str, part))}.npz" for part in layout]  # by range: chunk sizes never mix
+        jobs = [(plan, part, file) for k, (part, file) in enumerate(zip(layout, files))
+                if k % world == rank and not file.is_file()]
         workers = cfg.num_workers or len(os.sched_getaffinity(0))
         tokenize_parts(jobs, tok, workers, f"tokenizing {path.name}" + (f" (rank {rank})" if world > 1 else ""), log)
         if rank == 0:
@@ -330,11 +293,9 @@ def tokenize_source(source: Source, tok: Tokenizer, cfg: DataConfig, chunk_bytes
             if log:
                 log(f"[data] tokenized {path} in {time.time() - t0:.1f} s by {workers} process(es) x {world} rank(s)")
         wait_for(folder / "meta.json", f"rank 0 to merge {path.name}", log)
-    return load_tokenized(folder)
-
-
-def _key(parts: list) -> str:
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+    meta = json.loads((folder / "meta.json").read_text())
+    arrays = dict(ids=meta["dtype"], sup="uint8", offsets="int64", sup_counts="int32")
+    return TokenizedData(folder, *(_read(folder / f"{name}.bin", dtype) for name, dtype in arrays.items()), meta)
 
 
 # ---- packing: best-fit decreasing ----
@@ -342,8 +303,7 @@ def _key(parts: list) -> str:
 
 def pack_best_fit(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
     """Best-fit decreasing: each item, longest first, goes to the open pack with the least room that still fits.
-    Returns (order, offsets): pack p holds the items order[offsets[p]:offsets[p + 1]]. Open packs are kept in lists
-    by free room (an integer <= capacity) and the distinct room values in a sorted list, so a lookup is one bisect."""
+    Returns (order, offsets): pack p holds the items order[offsets[p]:offsets[p + 1]]; a lookup is one bisect."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) and (lengths.min() < 1 or lengths.max() > capacity):
         raise ValueError(f"item lengths must be in 1..{capacity}, got {lengths.min()}..{lengths.max()}")
@@ -366,14 +326,12 @@ def pack_best_fit(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.nd
                 insort(rooms, left)
             packs_with_room[left].append(p)
     assign = np.array(assign, dtype=np.int64)
-    order = np.argsort(assign, kind="stable")
     offsets = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=n_packs))]).astype(np.int64)
-    return order, offsets
+    return np.argsort(assign, kind="stable"), offsets
 
 
 def mixture_indices(n: int, weight: float, seed: int, source_index: int) -> np.ndarray:
-    """Documents kept from one source: weight w keeps round(w * n) of them, floor(w) full copies plus a seeded
-    sample without replacement for the rest; drawn once per stage (the same subset every epoch)."""
+    """Documents kept from n: round(weight * n), as whole copies plus a seeded sample; the same every epoch."""
     if weight < 0:
         raise UserError(f"mixture weight must be >= 0, got {weight}")
     copies, rest = divmod(round(weight * n), n) if n else (0, 0)
@@ -409,18 +367,15 @@ def make_packs(sources: list[Source], datas: list[TokenizedData], cfg: DataConfi
     lengths = np.concatenate([np.diff(d.offsets)[ix] for d, ix in zip(datas, picks)])
     if not len(lengths):
         raise UserError(f"no examples left to train on in {[s.path for s in sources]}")
-    order, pack_offsets = pack_best_fit(lengths, cfg.max_len)
+    order, offsets = pack_best_fit(lengths, cfg.max_len)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    for name, array in (("doc_source", doc_source[order]), ("doc_index", doc_index[order]),
-                        ("pack_offsets", pack_offsets)):
-        array.tofile(tmp / f"{name}.bin")
-    n_packs, n_tokens = len(pack_offsets) - 1, int(lengths.sum())
+    n_packs, n_tokens = len(offsets) - 1, int(lengths.sum())
     meta = dict(max_len=cfg.max_len, examples=len(lengths), tokens=n_tokens, packs=n_packs, longest=int(lengths.max()),
                 supervised_tokens=sum(int(d.sup_counts[ix].sum()) for d, ix in zip(datas, picks)),
                 efficiency=n_tokens / (n_packs * cfg.max_len),
                 per_source=[dict(name=s.name, kept=len(ix), weight=s.weight) for s, ix in zip(sources, picks)])
-    _commit(tmp, folder, meta)
+    _commit(tmp, folder, meta, doc_source=doc_source[order], doc_index=doc_index[order], pack_offsets=offsets)
 
 
 CODE_PACKS = (mixture_indices, pack_best_fit, make_packs)
@@ -431,11 +386,10 @@ def plan_stage(sources: list[Source], tok: Tokenizer, cfg: DataConfig, log=print
     if not sources:
         raise UserError("a stage needs at least one data source")
     plans = [plan_source(s, tok, cfg, log) for s in sources]
-    key = _key([Path(p["folder"]).name for p in plans] + [[s.weight for s in sources], cfg.seed, cfg.max_len])
-    folder = Path(cfg.cache_dir) / f"packs-{key}-{code_hash(*CODE_PACKS)}"
-    if not (folder / "meta.json").is_file():
-        for stale in folder.parent.glob(f"{folder.name}.tmp*"):  # left by a run killed while packing
-            shutil.rmtree(stale, ignore_errors=True)
+    key = cache_key(*[Path(p["folder"]).name for p in plans], [s.weight for s in sources], cfg.seed, cfg.max_len)
+    folder = Path(cfg.cache_dir) / f"packs-{key}-{cache_key(*CODE_PACKS)}"
+    for stale in folder.parent.glob(f"{folder.name}.tmp*"):  # left by a run killed while packing
+        shutil.rmtree(stale, ignore_errors=True)
     return dict(sources=plans, packs=str(folder))
 
 
@@ -476,7 +430,7 @@ def get_batch(packed: PackedDataset, pack_indices: list[int], seq_len: int, pad_
     """(B, T) long tensors input_ids, labels (already shifted, see the module docstring), position_ids; plus
     num_tokens and num_supervised (ints). Every padding token is a document of its own (position 0): it attends to
     itself only, costs no attention, never lengthens a document past the model's context, and its label is -100."""
-    import torch  # here only: the rest of data.py (readers used by synth.py, decontaminate.py) needs no torch
+    import torch  # here only: `python data.py` needs no torch
     B, T = len(pack_indices), seq_len
     input_ids = np.full((B, T), pad_id, np.int64)
     labels = np.full((B, T), -100, np.int64)
@@ -488,14 +442,12 @@ def get_batch(packed: PackedDataset, pack_indices: list[int], seq_len: int, pad_
             n = len(ids)
             assert t + n <= T, f"pack {p} holds more than seq_len={T} tokens"
             input_ids[b, t:t + n] = ids
-            # ids may be uint16: widen before -100 goes in. The document's last label stays -100.
-            labels[b, t:t + n - 1] = np.where(sup[1:] != 0, ids[1:].astype(np.int64), -100)
+            labels[b, t:t + n - 1] = np.where(sup[1:] != 0, ids[1:].astype(np.int64), -100)  # widen uint16 ids first
             position_ids[b, t:t + n] = arange[:n]
             t += n
         num_tokens += t  # the padding tail keeps position 0 everywhere
-    return dict(input_ids=torch.from_numpy(input_ids), labels=torch.from_numpy(labels),
-                position_ids=torch.from_numpy(position_ids), num_tokens=num_tokens,
-                num_supervised=int((labels != -100).sum()))
+    return dict(input_ids=torch.from_numpy(input_ids), labels=torch.from_numpy(labels), num_tokens=num_tokens,
+                position_ids=torch.from_numpy(position_ids), num_supervised=int((labels != -100).sum()))
 
 
 def epoch_order(num_packs: int, epoch: int, seed: int) -> np.ndarray:
@@ -530,16 +482,14 @@ class ShowConfig(DataConfig):
 
 def first_example(path: Path, fmt: str, skip_bad: bool) -> Conversation:
     """The file's first example, to show; a malformed record is a UserError naming its line (or row), or skipped."""
-    records = (r for part in file_parts(path) for batch in read_part(path, part) for r in batch)
-    for n, raw in enumerate(records):  # line numbers (parquet rows from 0) as merge_parts counts them
+    for n, raw in enumerate(r for part in file_parts(path) for batch in read_part(path, part) for r in batch):
         try:
             record = read_record(raw)
             if record is not None:
                 return parse_record(record, fmt)
         except ValueError as e:
             if not skip_bad:
-                where = f"{path} row {n}" if path.suffix == ".parquet" else f"{path}:{n + 1}"
-                raise UserError(f"{where}: {e} (--skip_bad_lines=true skips and counts bad records)") from None
+                raise UserError(f"{_bad_record(path, n, e)} (--skip_bad_lines=true skips and counts them)") from None
     raise UserError(f"{path}: no examples in the file" + (" that can be read" if skip_bad else ""))
 
 

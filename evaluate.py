@@ -1,25 +1,12 @@
 """Zero-shot evaluation of a checkpoint on the Orca 2 benchmarks (ORCA2.md 7), scored by rules, locally or served.
 
-    python evaluate.py --model=DIR                                    # everything, both system messages
+    python evaluate.py --model=DIR                      # everything, both system messages; --help lists every option
     python evaluate.py --model=DIR --benchmarks=gsm8k,drop --system=cautious --limit=50 --batch_size=32
-    vllm serve DIR --served-model-name orca2 &                        # the same prompts through a serving engine:
+    vllm serve DIR --served-model-name orca2 &          # the same prompts through a serving engine:
     python evaluate.py --model=DIR --base_url=http://127.0.0.1:8000/v1 --served_model=orca2 --concurrency=256
-    python evaluate.py --help                                         # every option with its default
 
-Every item (benchmarks.py) runs with each system message, in the model card's template, decoded greedily until </s>,
-<|im_end|> or <|im_start|> (an invented next turn); answers are read by rules (answers.py; DROP is scored as
-simple-evals scores it). --out gets predictions.jsonl (a line per item and system message), summary.json and
-summary.md: our scores beside the paper's, the share of outputs that gave an answer (format-OK), and the strategy
-profile (RQ2): the shares answering directly, step by step, otherwise or not at all, each group's accuracy, the
-median output length.
-
-Served (--base_url), the local path's exact token ids go to /v1/completions (greedy, the same max_tokens and stop
-ids as stop_token_ids) and token ids come back (vLLM's return_token_ids), decoded as local outputs are. Replies are
-cached in <out>/cache.sqlite, so a rerun resumes; a new checkpoint needs a new --out.
-
-Where the paper is silent: --limit N keeps the first N items of every subset; AGIEval's headline is the mean over
-its 8 English multiple-choice sets, BBH's the mean over the 23 multiple-choice/binary tasks (the 4 free-form apart),
-RACE's is pooled over high and middle; prompts longer than the context minus the new tokens are cut in the middle.
+Greedy until </s>, <|im_end|> or <|im_start|>; a new checkpoint needs a new --out (served replies are cached there).
+Not in the paper: AGIEval's score is the mean of its 8 English MC sets, BBH's of its 23 MC/binary tasks, RACE's pooled.
 """
 
 import json
@@ -85,45 +72,40 @@ def avg(xs) -> float | None:
 
 
 def score_row(label: str, recs: list[dict], key: str = "correct") -> list:
-    """[label, n, score %, format-OK %] over some records."""
     return [label, len(recs), 100 * avg(r[key] for r in recs), 100 * avg(r["extracted"] is not None for r in recs)]
 
 
-def macro_row(label: str, rows: list[list]) -> list:
-    """[label, n, mean of the rows' scores, mean of their format-OK rates]: a macro-average over subsets."""
+def mean_row(label: str, rows: list[list]) -> list:
     return [label, sum(r[1] for r in rows), avg(r[2] for r in rows), avg(r[3] for r in rows)]
 
 
-def benchmark_rows(benchmark: str, recs: list[dict]) -> tuple[float, list[list]]:
-    """(headline score %, table rows) of one benchmark; the headline choices are in the module docstring."""
-    subsets = {s: [r for r in recs if r["subset"] == s] for s in dict.fromkeys(r["subset"] for r in recs)}
-    rows = [score_row(s, rs) for s, rs in subsets.items()]
+def benchmark_summary(benchmark: str, recs: list[dict]) -> dict:
+    """{score, format_ok, n, rows, profile} of one benchmark; the headline choices are in the module docstring."""
+    rows = [score_row(s, [r for r in recs if r["subset"] == s]) for s in dict.fromkeys(r["subset"] for r in recs)]
     if benchmark == "agieval":
-        rows += [macro_row("mean over sets", rows), score_row("pooled", recs)]
+        rows += [mean_row("mean over sets", rows), score_row("pooled", recs)]
     elif benchmark == "bbh":
         mc, free = [r for r in rows if r[0] in BBH_MC], [r for r in rows if r[0] in BBH_FREE_FORM]
-        rows += [macro_row(f"mean over {len(mc)} MC tasks", mc),
-                 macro_row(f"mean over {len(free)} free-form tasks", free)]
+        rows += [mean_row(f"mean over {len(mc)} MC tasks", mc),
+                 mean_row(f"mean over {len(free)} free-form tasks", free)]
     elif benchmark == "drop":
         rows = [score_row("EM", recs, "em"), score_row("F1", recs, "f1")]
     elif benchmark == "race":
         rows.append(score_row("pooled", recs))
     headline = rows[-2] if benchmark in ("agieval", "bbh") else rows[-1]  # mean over sets; F1; pooled; the only one
-    return headline[2], rows
+    return {"score": headline[2], "format_ok": 100 * avg(r["extracted"] is not None for r in recs), "n": len(recs),
+            "rows": rows, "profile": profile(recs)}
 
 
 def summarize(records: list[dict]) -> dict:
-    """system -> benchmark -> {score, format_ok, n, rows: [[label, n, score %, format-OK %], ...]}, plus "avg"."""
+    """system -> benchmark -> benchmark_summary(), and "avg": the paper's mean of the six headline scores."""
     out: dict = {}
     for system in dict.fromkeys(r["system"] for r in records):
         res = out[system] = {}
         for b in BENCHMARKS:
             recs = [r for r in records if r["benchmark"] == b and r["system"] == system]
             if recs:
-                score, rows = benchmark_rows(b, recs)
-                res[b] = {"score": score, "format_ok": 100 * avg(r["extracted"] is not None for r in recs),
-                          "n": len(recs), "rows": rows, "profile": profile(recs)}
-        # the paper's avg is the macro-average of the six headline scores (only meaningful with all six)
+                res[b] = benchmark_summary(b, recs)
         res["avg"] = avg(res[b]["score"] for b in BENCHMARKS) if all(b in res for b in BENCHMARKS) else None
     return out
 
@@ -184,7 +166,6 @@ PROFILE = ("direct", "step by step", "other", "not parsed")
 
 
 def profile(recs: list[dict]) -> dict:
-    """Share and accuracy of each strategy group, and the median output length in tokens."""
     groups = {g: [r for r in recs if r["strategy"] == g] for g in PROFILE}
     return {"median_tokens": statistics.median(r["new_tokens"] for r in recs),
             **{g: {"share": 100 * len(rs) / len(recs), "accuracy": 100 * avg(r["correct"] for r in rs) if rs else None}
@@ -231,17 +212,14 @@ def generate_served(prompts: list[list[int]], max_new: list[int], stop_ids: tupl
     endpoint = Endpoint(cfg.base_url, cfg.served_model, Path(cfg.out) / "cache.sqlite", api_key_env=cfg.api_key_env,
                         concurrency=cfg.concurrency, timeout_s=cfg.timeout_s, progress=cfg.progress, desc="prompts")
     endpoint.check()
-    requests = [("completions", {"prompt": ids, "max_tokens": n, "temperature": 0.0, "stop_token_ids": list(stop_ids),
-                                 "skip_special_tokens": False, "return_token_ids": True})
-                for ids, n in zip(prompts, max_new)]
+    greedy = dict(temperature=0.0, stop_token_ids=list(stop_ids), skip_special_tokens=False, return_token_ids=True)
+    requests = [("completions", {"prompt": ids, "max_tokens": n, **greedy}) for ids, n in zip(prompts, max_new)]
     outputs = []
     for k, reply in enumerate(endpoint.run(requests)):
         if isinstance(reply, Failure):
-            raise UserError(f"{cfg.base_url}: prompt {k} failed after retries: {reply.error} (rerun to continue: "
-                            f"answers so far are cached in {endpoint.cache_path})")
+            raise UserError(f"{cfg.base_url}: prompt {k} failed after retries: {reply.error}; rerun to resume (cached)")
         if reply.token_ids is None:
-            raise UserError(f"{cfg.base_url} returned no token ids (it ignored return_token_ids); outputs could not "
-                            "be decoded exactly as the local path does. Use vLLM >= 0.10.2 or SGLang")
+            raise UserError(f"{cfg.base_url} ignored return_token_ids; use vLLM >= 0.10.2 or SGLang")
         ids = reply.token_ids
         outputs.append(ids[:next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))])  # vLLM sends the stop id
     print(f"served: {endpoint.stats['requests']:,} requests sent, {endpoint.stats['cache_hits']:,} answered from cache")
@@ -249,7 +227,6 @@ def generate_served(prompts: list[list[int]], max_new: list[int], stop_ids: tupl
 
 
 def load_model(cfg: EvalConfig):
-    """The checkpoint on the chosen device and dtype."""
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32"), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -263,8 +240,7 @@ def load_model(cfg: EvalConfig):
 def main(cfg: EvalConfig) -> dict:
     print("evaluate config:", json.dumps(asdict(cfg)))
     if not Path(cfg.model).is_dir():
-        raise UserError(f"--model={cfg.model!r}: not a folder; give the checkpoint folder (config.json, the weights "
-                        "and tokenizer.model)")
+        raise UserError(f"--model={cfg.model!r}: not a folder; give the checkpoint folder (config.json, weights)")
     if cfg.base_url and not cfg.served_model:
         raise UserError("--base_url needs --served_model: the name the server gives the model")
     benchmarks, systems = cfg.benchmarks.split(","), cfg.system.split(",")

@@ -1,14 +1,11 @@
-"""Training and task files as published, read strictly: layouts, JSON lines, parquet rows, and parts for workers.
+"""Data files as published, read strictly: layouts, JSON lines, parquet rows, parts. No torch (synth.py uses it too).
 
     python formats.py FILE.jsonl       # its layout, metadata columns, parts, and the first record as a Conversation
-
-Shared by data.py (training data), synth.py (task files) and decontaminate.py; no torch. Every problem in a record
-is a ValueError saying what is wrong (the caller adds file and line); a whole file that cannot be read is a
-UserError. Layouts are detected from a parquet schema or the first JSONL line (FORMATS, tried in order).
 """
 
 import json
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -38,20 +35,20 @@ FORMATS = {  # name -> (the keys that identify it, what a record looks like), in
     "flan": ({"inputs", "targets"}, '{"inputs": ..., "targets": ...} (FLAN; empty system message)'),
     "qa": ({"question", "answer"}, '{"question": ..., "answer": ...} (GSM8K-style tasks; empty system message)'),
 }
-ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-         "chatgpt": "assistant"}  # ShareGPT's "from" values, and the messages layout's roles
+ROLES = dict(system="system", human="user", user="user", gpt="assistant", assistant="assistant", chatgpt="assistant")
 
 
 def _json_type(value: object) -> str:
-    """What a parsed value is, for error messages: object, list, string, number, boolean or null."""
-    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number",
-             type(None): "null"}
-    return names.get(type(value), type(value).__name__)
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _short(value: object) -> str:
+    return repr(value) if isinstance(value, str) and len(value) <= 40 else _json_type(value)
 
 
 def read_json(line: bytes) -> object:
-    """Strict JSON of one UTF-8 line: ValueError (never another exception) for bad UTF-8, NaN/Infinity, syntax,
-    too deep nesting, numbers too long to read."""
+    """Strict JSON of one UTF-8 line: ValueError (never another exception) for bad UTF-8, NaN, syntax, depth, size."""
     def refuse(name: str):
         raise ValueError(f"{name} is not valid JSON (write null or a string)")
 
@@ -60,9 +57,7 @@ def read_json(line: bytes) -> object:
             raise ValueError(f"a number of {len(text)} digits is too long to read")
         return int(text)
 
-    # UTF-16 (a Windows editor's "Unicode") puts a NUL byte beside every ASCII character: name the likely cause.
-    utf16 = b"\x00" in line or line.startswith((b"\xff\xfe", b"\xfe\xff"))
-    hint = "; the file looks UTF-16 encoded: save it as UTF-8" if utf16 else ""
+    hint = "; the file looks UTF-16 encoded: save it as UTF-8" if b"\x00" in line else ""  # NUL beside each ASCII byte
     try:
         return json.loads(line.decode("utf-8"), parse_constant=refuse, parse_int=integer)
     except RecursionError:
@@ -73,71 +68,55 @@ def read_json(line: bytes) -> object:
         raise ValueError(f"not valid JSON: {e.msg.removesuffix(' at')} at column {e.colno}{hint}") from None
 
 
-def _short(value: object) -> str:
-    """A value as an error message shows it: short strings quoted, anything else by its JSON type."""
-    return repr(value) if isinstance(value, str) and len(value) <= 40 else _json_type(value)
+def _strings(obj: dict, keys: Iterable[str], need: str) -> None:
+    for key in keys:
+        if key not in obj:
+            raise ValueError(f"{need}; this one has no {key!r}")
+        if not isinstance(obj[key], str):
+            raise ValueError(f"{need}; got {_json_type(obj[key])} for {key!r}")
 
 
 def _messages(items: object, role_key: str, text_key: str, what: str) -> list[tuple[str, str]]:
     if not isinstance(items, list) or not items:
         raise ValueError(f"{what} must be a non-empty list, got {_short(items) if items != [] else 'an empty one'}")
     known = [r for r, role in ROLES.items() if role_key != "role" or r == role]  # the messages layout: exact names
-    out = []
     for k, m in enumerate(items):
-        need = f"{what}[{k}] must be an object with {role_key!r} and a string {text_key!r}"
+        need = f"{what}[{k}] must be an object with strings {role_key!r} and {text_key!r}"
         if not isinstance(m, dict):
             raise ValueError(f"{need}, got {_short(m)}")
-        for key in (role_key, text_key):
-            if key not in m:
-                raise ValueError(f"{need}; it has no {key!r}")
-        if not isinstance(m[text_key], str):
-            raise ValueError(f"{need}; got {_json_type(m[text_key])} for {text_key!r}")
+        _strings(m, (role_key, text_key), need)
         if m[role_key] not in known:
             raise ValueError(f"{what}[{k}] has unknown {role_key} {_short(m[role_key])}; known: {', '.join(known)}")
-        out.append((ROLES[m[role_key]], m[text_key]))
-    return out
+    return [(ROLES[m[role_key]], m[text_key]) for m in items]
 
 
 def _conversation(messages: list[tuple[str, str]]) -> Conversation:
-    """Optional system message, then user/assistant pairs, ending with an assistant reply."""
-    system = messages[0][1] if messages[0][0] == "system" else ""
-    rest = messages[1:] if messages[0][0] == "system" else messages
-    roles = [r for r, _ in rest]
-    if not rest or roles != ["user", "assistant"] * (len(rest) // 2):
+    system, rest = (messages[0][1], messages[1:]) if messages[0][0] == "system" else ("", messages)
+    if not rest or [r for r, _ in rest] != ["user", "assistant"] * (len(rest) // 2):
         raise ValueError("expected [system], then alternating user/assistant ending with assistant, got roles "
                          f"{[r for r, _ in messages]}")
-    for _, text in messages:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("text holds an unpaired surrogate (a lone \\ud800-\\udfff escape)") from None
+    if any(re.search("[\ud800-\udfff]", text) for _, text in messages):  # json.loads accepts lone \ud800 escapes
+        raise ValueError("text holds an unpaired surrogate (a lone \\ud800-\\udfff escape)")
     turns = [(rest[k][1], rest[k + 1][1]) for k in range(0, len(rest), 2)]
     if any(not a.strip() for _, a in turns):
         raise ValueError("an assistant reply is empty: there is nothing to train on")
     return Conversation(system, turns)
 
 
-def parse_record(record: object, fmt: str) -> Conversation:
-    """One record (a JSONL line's value, a parquet row) of a known format to a Conversation; ValueError says why not."""
-    if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {_json_type(record)}")
+def parse_record(record: dict, fmt: str) -> Conversation:
+    """A record (from read_record) of a known format to a Conversation, or a ValueError (the caller adds where)."""
     if fmt in ("openorca", "flan", "qa"):
         keys = {"openorca": ("system_prompt", "question", "response"), "flan": (None, "inputs", "targets"),
                 "qa": (None, "question", "answer")}[fmt]
-        need = f"{fmt} records need string fields {', '.join(filter(None, keys))}"
-        for key in filter(None, keys):
-            if key not in record:
-                raise ValueError(f"{need}; this one has no {key!r} (layout: {FORMATS[fmt][1]})")
-            if not isinstance(record[key], str):
-                raise ValueError(f"{need}; got {_json_type(record[key])} for {key!r}")
+        need = f"{fmt} records need string fields {', '.join(filter(None, keys))} (layout: {FORMATS[fmt][1]})"
+        _strings(record, filter(None, keys), need)
         return _conversation(list(zip(("system", "user", "assistant"), [record[k] if k else "" for k in keys])))
     if fmt in ("sharegpt", "messages"):
         key, role, text = ("conversations", "from", "value") if fmt == "sharegpt" else ("messages", "role", "content")
         if key not in record:
             raise ValueError(f"{fmt} records need a {key!r} list; this one has none (layout: {FORMATS[fmt][1]})")
         return _conversation(_messages(record[key], role, text, key))
-    assert fmt == "preference", f"unknown format {fmt!r}"
-    inp = record.get("input")
+    inp = record.get("input")  # the preference layout
     if not isinstance(inp, dict) or "messages" not in inp:
         raise ValueError(f"'input' must be an object holding 'messages', got {_short(inp)} (layout: {FORMATS[fmt][1]})")
     prompt = _messages(inp["messages"], "role", "content", "input.messages")
@@ -146,10 +125,8 @@ def parse_record(record: object, fmt: str) -> Conversation:
 
 def detect_file_format(path: Path) -> tuple[str, list[str]]:
     """Format and metadata columns (other scalar columns: FLAN's task_name, ...) from a schema or first JSONL line."""
-    if path.is_dir():
-        raise UserError(f"{path}: a folder; pass a JSONL or parquet file")
     if not path.is_file():
-        raise UserError(f"{path}: no such data file")
+        raise UserError(f"{path}: {'a folder; pass a JSONL or parquet file' if path.is_dir() else 'no such data file'}")
     if path.suffix == ".parquet":
         try:
             schema = pq.ParquetFile(path).schema_arrow
@@ -158,17 +135,14 @@ def detect_file_format(path: Path) -> tuple[str, list[str]]:
         where, names, scalar = str(path), schema.names, [f.name for f in schema if not pa.types.is_nested(f.type)]
     else:
         with open(path, "rb") as f:
-            lineno, line = next(((k, s) for k, s in enumerate(f, 1) if s.strip()), (0, b""))
+            lineno, line = next(((k, s.removesuffix(b"\n")) for k, s in enumerate(f, 1) if s.strip()), (0, b""))
         if not lineno:
             raise UserError(f"{path}: no examples: {'only blank lines' if path.stat().st_size else 'an empty file'}")
         where = f"{path}:{lineno}"
-        line = line.removesuffix(b"\n")
-        try:
-            record = read_json(line.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else line)  # a UTF-8 BOM is fine
+        try:  # a UTF-8 BOM is fine; read_record requires a JSON object
+            record = read_record(read_json(line.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else line))
         except ValueError as e:
             raise UserError(f"{where}: {e}") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{where}: expected a JSON object, got {_json_type(record)}")
         names, scalar = list(record), [k for k, v in record.items() if not isinstance(v, (list, dict))]
     fmt = next((f for f, (keys, _) in FORMATS.items() if keys <= set(names)), None)
     if fmt is None:
@@ -199,26 +173,21 @@ def read_part(path: Path, part: tuple[int, ...]) -> Iterator[list]:
         try:
             batches = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20).iter_batches(
                 BATCH_ROWS, row_groups=[group], use_threads=False)
-            for batch in islice(batches, first, end):
-                yield batch.to_pylist()
+            yield from (batch.to_pylist() for batch in islice(batches, first, end))
         except (pa.ArrowException, OSError) as e:  # damaged pages: the footer was fine, the data is not
             raise UserError(f"{path}: row group {group} cannot be read ({e}); the file is damaged") from None
         return
     with open(path, "rb") as f:
         f.seek(part[0])
-        lines = f.read(part[1] - part[0]).removesuffix(b"\n").split(b"\n")  # ~1 MB of lines
-        if part[0] == 0:
-            lines[0] = lines[0].removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
-        yield lines
+        data = f.read(part[1] - part[0]).removesuffix(b"\n")  # ~1 MB of lines
+    yield (data.removeprefix(b"\xef\xbb\xbf") if part[0] == 0 else data).split(b"\n")  # a UTF-8 byte order mark
 
 
 def read_record(record: bytes | dict) -> dict | None:
-    """A JSONL line (bytes) or a parquet row as a record; None for a blank line; ValueError when it is not a JSON
-    object (a `null` line is an error, not a blank line)."""
-    if isinstance(record, bytes):
-        if not record.strip():
-            return None
-        record = read_json(record)
+    """A JSONL line (bytes) or a parquet row as a record; None for a blank line (a `null` line is an error)."""
+    if isinstance(record, bytes) and not record.strip():
+        return None
+    record = read_json(record) if isinstance(record, bytes) else record
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {_json_type(record)}")
     return record
@@ -232,5 +201,5 @@ if __name__ == "__main__":
     path = Path(sys.argv[1])
     fmt, columns = detect_file_format(path)
     parts = file_parts(path)
-    first = next(r for batch in read_part(path, parts[0]) for r in batch if read_record(r) is not None)
-    print(f"{path}: layout {fmt}, metadata columns {columns}, {len(parts)} part(s)\n{parse_record(read_record(first), fmt)}")
+    first = next(r for batch in read_part(path, parts[0]) for r in map(read_record, batch) if r is not None)
+    print(f"{path}: layout {fmt}, metadata columns {columns}, {len(parts)} part(s)\n{parse_record(first, fmt)}")

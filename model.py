@@ -10,12 +10,10 @@ Notable features:
 - RMSNorm (pre-norm), rotate-half RoPE as in the released checkpoints (no weight permutes), grouped-query
   attention (LLaMA-2-70B), SwiGLU feed-forward, untied input/output embeddings, no biases.
 - Parameter names are exactly the Hugging Face `LlamaForCausalLM` names, so loading is a strict load_state_dict.
-- Packed sequences: attention never crosses a document boundary and costs sum(L_i^2), not T^2; a dense
-  block-diagonal mask path is kept as the reference.
+- Packed sequences: attention stays inside each document and costs sum(L_i^2), not T^2 (a dense mask is the reference).
 - Loads what weights.py reads (safetensors, the release's .bin, llama2.c) one tensor at a time into a meta model.
 
-Notation for shape comments: B batch, T sequence length, S cache length, C model dim, nh query heads,
-nkv key/value heads, hd head dim, V vocabulary, N documents of one length L.
+Shapes: B batch, T sequence, S cache, C model dim, nh/nkv query/key-value heads, hd head dim, V vocab, N docs of len L.
 """
 
 import json
@@ -23,6 +21,7 @@ import math
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import takewhile
 from pathlib import Path
 
 import torch
@@ -67,9 +66,7 @@ class ModelArgs:
     @classmethod
     def from_hf_config(cls, cfg: dict, where: str = "config.json") -> "ModelArgs":
         """Read a Hugging Face LLaMA config.json (old top-level rope_theta or new nested rope_parameters)."""
-        llama = {"model_type": "llama", "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-                 "tie_word_embeddings": False}
-        for key, value in llama.items():
+        for key, value in LLAMA.items():
             if cfg.get(key, value) != value:
                 raise UserError(f"{where}: {key}={cfg[key]!r} is not supported; LLaMA-2 has {key}={value!r}")
         rope = cfg.get("rope_parameters") or {}
@@ -77,13 +74,12 @@ class ModelArgs:
         rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
         if rope_type != "default":
             raise UserError(f"{where}: rope scaling {rope_type!r} is not implemented; only plain RoPE (LLaMA-2) is")
-        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
         try:
             args = cls(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
                        n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
                        vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"],
-                       norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
-                       max_seq_len=cfg.get("max_position_embeddings", 4096))
+                       norm_eps=cfg.get("rms_norm_eps", 1e-6), max_seq_len=cfg.get("max_position_embeddings", 4096),
+                       rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))
         except KeyError as e:
             raise UserError(f"{where}: missing key {e.args[0]!r}") from None
         if cfg.get("head_dim", args.head_dim) != args.head_dim:
@@ -92,15 +88,16 @@ class ModelArgs:
 
     def to_hf_config(self, dtype: torch.dtype = torch.float32) -> dict:
         """The config.json that the reference implementation and from_pretrained both read."""
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-                "hidden_size": self.dim, "intermediate_size": self.hidden_dim, "num_hidden_layers": self.n_layers,
+        return {"architectures": ["LlamaForCausalLM"], **LLAMA, "hidden_size": self.dim,
+                "intermediate_size": self.hidden_dim, "num_hidden_layers": self.n_layers,
                 "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
                 "vocab_size": self.vocab_size, "max_position_embeddings": self.max_seq_len,
-                "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta, "rope_scaling": None,
-                "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
-                "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": str(dtype).removeprefix("torch.")}
+                "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta, "rope_scaling": None, "bos_token_id": 1,
+                "eos_token_id": 2, "torch_dtype": str(dtype).removeprefix("torch.")}
 
 
+LLAMA = {"model_type": "llama", "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+         "tie_word_embeddings": False}  # what config.json must say of a LLaMA-2 (from_hf_config checks it)
 _7B = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008)
 _13B = dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, hidden_dim=13824)
 PRESETS = {
@@ -123,8 +120,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and cast back before the gain, exactly as the reference does (matters in bf16).
-        h = x.float()
+        h = x.float()  # normalise in fp32 and cast back before the gain, as the reference does (matters in bf16)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
@@ -140,8 +136,7 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # Rotate-half: pairs are (i, i + hd/2), which is how the released checkpoints' q/k weights are laid out.
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)  # (B, nh, T, hd)
-    return x * cos[:, None] + rotated * sin[:, None]
+    return x * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]  # cat: (B, nh, T, hd)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -151,8 +146,7 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 class DocLayout:
-    """Where the documents of a packed batch lie (a document starts where position_ids is 0 and at each row's start);
-    computed once per forward and shared by every layer."""
+    """Where the documents of a packed batch lie; computed once per forward and shared by every layer."""
 
     def __init__(self, position_ids: torch.Tensor):
         B, T = position_ids.shape
@@ -162,8 +156,7 @@ class DocLayout:
         starts = is_start.nonzero().squeeze(1)
         lengths = torch.diff(starts, append=torch.tensor([B * T], device=pos.device))
         # Within a document the positions must count 0, 1, 2, ...: anything else is a broken packing.
-        doc_start = torch.repeat_interleave(starts, lengths)
-        expected = torch.arange(B * T, device=pos.device) - doc_start
+        expected = torch.arange(B * T, device=pos.device) - torch.repeat_interleave(starts, lengths)
         if not torch.equal(pos, expected):
             bad = (pos != expected).nonzero()[0].item()
             raise ValueError(f"position_ids must restart at 0 for each document and count up by 1 within it; "
@@ -190,30 +183,25 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(cache_pos, k, v)  # (B, nkv, S, hd): everything written so far
-        n_rep = self.n_heads // self.n_kv_heads
-        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, nh, S, hd)
+        k, v = (repeat_kv(t, self.n_heads // self.n_kv_heads) for t in (k, v))  # (B, nh, S, hd)
         if layout is not None:
             y = packed_attention(q, k, v, layout)
         else:  # the given mask (generation, the dense reference), else causal over the whole row
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.o_proj(y)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
 
 def packed_attention(q, k, v, layout: DocLayout) -> torch.Tensor:
-    """Causal attention inside each document only; documents of equal length L share one SDPA call on (N, L).
-
-    Documents are cut with split/stack/unbind/cat, whose backward passes are as cheap as their forward (slicing
-    or index_select would write a full-size gradient per document)."""
+    """Causal attention inside each document only; documents of equal length L share one SDPA call on (N, L). Cut with
+    split/stack/unbind/cat, whose backward is as cheap as the forward (slicing writes a full gradient per document)."""
     B, nh, T, hd = q.shape
     q, k, v = (t.transpose(1, 2).reshape(B * T, nh, hd).split(layout.lengths) for t in (q, k, v))  # (L_i, nh, hd) each
-    out = [None] * len(layout.lengths)
+    out = {}  # document index -> its output (L_i, nh, hd)
     for docs in layout.groups:
         qi, ki, vi = (torch.stack([t[i] for i in docs]).transpose(1, 2) for t in (q, k, v))  # (N, nh, L, hd)
         yi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True).transpose(1, 2)  # (N, L, nh, hd)
-        for i, y in zip(docs, yi.unbind(0)):
-            out[i] = y
-    y = torch.cat(out) if len(out) > 1 else out[0]  # (B*T, nh, hd)
+        out.update(zip(docs, yi.unbind(0)))
+    y = torch.cat([out[i] for i in range(len(out))]) if len(out) > 1 else out[0]  # (B*T, nh, hd)
     return y.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
 
 
@@ -235,8 +223,7 @@ class Block(nn.Module):
         self.mlp = FeedForward(args)
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
-        # Activation checkpointing is a flag, not a wrapper module, so parameter names never change.
-        self.checkpoint = False
+        self.checkpoint = False  # activation checkpointing as a flag, not a wrapper: parameter names never change
 
     def _forward(self, x, cos, sin, layout=None, mask=None, cache=None, cache_pos=0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, mask, cache, cache_pos)
@@ -274,8 +261,7 @@ class Transformer(nn.Module):
                                         layers=nn.ModuleList(Block(args) for _ in range(args.n_layers)),
                                         norm=RMSNorm(args.dim, args.norm_eps)))
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
-        # "packed": per-document attention when position_ids is given; "dense": the block-diagonal mask reference.
-        self.attn_impl = "packed"
+        self.attn_impl = "packed"  # per-document attention on packed rows; "dense": the block-diagonal mask reference
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02):
@@ -289,33 +275,29 @@ class Transformer(nn.Module):
         config, tensors = read_checkpoint(path)
         with torch.device("meta"):
             model = cls(ModelArgs.from_hf_config(config, f"{path}/config.json"))
-        expected = model.state_dict()  # names and shapes, without memory
+        left = model.state_dict()  # names and shapes, without memory; what is left at the end is missing
 
         def checked():
             for name, t, file in tensors:
-                check_tensor(name, t, expected, file)
-                del expected[name]  # what is left at the end is missing
+                check_tensor(name, t, left, file)
+                del left[name]
                 yield name, t
-            if expected:
-                raise UserError(f"{path}: {len(expected)} parameters are missing from the checkpoint, "
-                                f"e.g. {list(expected)[:3]}")
+            if left:
+                raise UserError(f"{path}: {len(left)} parameters missing from the checkpoint, e.g. {list(left)[:3]}")
         return config, model, checked()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None) -> "Transformer":
-        """Load an HF LLaMA folder (or a llama2.c .bin) strictly: every parameter, right shapes, nothing else.
-
-        Tensors are cast one at a time into `dtype` (default float32, never config.json's torch_dtype) on `device`
-        (default cpu), so the peak is the model plus the shard being read."""
+        """Load an HF LLaMA folder or llama2.c .bin strictly: every parameter, right shapes, nothing else. Tensors go
+        one by one into `dtype` (float32 unless given, never config.json's) on `device` (cpu): peak = model + shard."""
         config, model, tensors = cls.read_checked(path)
         dtype, device = dtype or torch.float32, torch.device(device or "cpu")
         stored = config.get("torch_dtype", config.get("dtype"))  # older and newer spellings of the same key
         if stored not in (None, str(dtype).removeprefix("torch.")):
             print(f"from_pretrained: {Path(path).name} is stored as {stored}; loading as {dtype} as asked")
         if config.get("pad_token_id") is not None:  # Orca-2-13b says 0 while its tokenizer pads with [PAD] = 32000
-            print(f"from_pretrained: config.json's pad_token_id={config['pad_token_id']} is not used; padding "
-                  "and stop ids follow the tokenizer")
+            print(f"from_pretrained: config.json's pad_token_id={config['pad_token_id']} is unused: the tokenizer pads")
         state = {name: t.to(device=device, dtype=dtype, copy=True) for name, t in tensors}
         model.load_state_dict(state, strict=True, assign=True)
         return model
@@ -330,10 +312,8 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 logits_at: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 caches: list[KVCache] | None = None, cache_pos: int = 0):
-        """Logits (B, T, V); with position_ids, each row packs documents that start where pos == 0.
-
-        logits_at, a (B, T) boolean mask, keeps only the logits there, (N, V): training needs only the teacher's
-        tokens, and the output layer is the costliest part of a small model. mask, caches, cache_pos: for generate()."""
+        """Logits (B, T, V); with position_ids, each row packs documents that start where pos == 0. logits_at, a
+        (B, T) bool, keeps only those logits, (N, V): training needs only the teacher's tokens; lm_head costs most."""
         if caches is None:
             self.check_inputs(input_ids, position_ids)
         B, T = input_ids.shape
@@ -373,12 +353,10 @@ class Transformer(nn.Module):
                  temperature: float = 0.0, top_p: float = 1.0, pad_id: int = 0, use_cache: bool = True,
                  generator: torch.Generator | None = None, on_token: Callable[[list[int | None]], None] | None = None,
                  sync_ranks: bool = False) -> list[list[int]]:
-        """Batched generation; returns the new tokens of each prompt without its stop token.
-
-        Prompts are left-padded to a common end and decode in lockstep into one static KV cache; padding is masked
-        and positions start at 0 at each prompt's first token, so a greedy output does not depend on the batch. A
-        row stops at its first stop id, at max_new_tokens or at the context length. on_token(tokens) streams each
-        step's tokens (None for finished rows). sync_ranks: under FSDP, rank 0's tokens go to every rank."""
+        """Batched generation: the new tokens of each prompt, without its stop token. Left-padded prompts decode in
+        lockstep into one static KV cache; pads are masked and positions start at 0 at each prompt, so greedy output
+        does not depend on the batch. A row stops at a stop id, max_new_tokens or the context. on_token(tokens) streams
+        each step (None: row finished); sync_ranks: under FSDP, every rank takes rank 0's tokens."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs a non-empty list of non-empty prompts (token-id lists)")
         V, ctx = self.args.vocab_size, self.args.max_seq_len
@@ -404,8 +382,7 @@ class Transformer(nn.Module):
         for t in range(P, S):
             # With the cache: the prompt once, then one token per step; without (the baseline): the whole prefix.
             lo = t - 1 if use_cache and t > P else 0
-            logits = self(tokens[:, lo:t], positions[:, lo:t], last[:, lo - t:], full_mask[:, :, lo:t, :t],
-                          caches, lo)
+            logits = self(tokens[:, lo:t], positions[:, lo:t], last[:, lo - t:], full_mask[:, :, lo:t, :t], caches, lo)
             nxt = sample(logits.float(), temperature, top_p, generator)  # (B,)
             if sync_ranks:
                 torch.distributed.broadcast(nxt, src=0)
@@ -416,11 +393,8 @@ class Transformer(nn.Module):
             done |= stop_now
             if done.all():  # the one scalar read per step: new tokens stay on the device
                 break
-        out = []
-        for row in tokens[:, P:].tolist():  # the one copy to the host: cut each row at its first stop id
-            cut = next((k for k, x in enumerate(row) if x in stop_ids), len(row))
-            out.append(row[:cut])
-        return out
+        rows = tokens[:, P:].tolist()  # the one copy to the host
+        return [list(takewhile(lambda x: x not in stop_ids, row)) for row in rows]  # each cut at its first stop id
 
 
 def init_tensors(model: nn.Module, seed: int = 0, std: float = 0.02) -> Iterator[tuple[str, torch.Tensor]]:
@@ -438,8 +412,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -451,7 +424,7 @@ def block_diagonal_mask(position_ids: torch.Tensor) -> torch.Tensor:
     return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
 
 
-# ---- convert: any checkpoint folder to safetensors of another dtype ----
+# ---- commands: convert (any checkpoint folder to safetensors of another dtype) and the demo ----
 
 
 @dataclass
@@ -480,9 +453,6 @@ def convert(cfg: ConvertConfig) -> None:
         if (src / f).is_file():
             shutil.copy2(src / f, dst / f)
     print(f"converted {src} -> {dst} ({n} tensors, {cfg.dtype})")
-
-
-# ---- demo ----
 
 
 def demo() -> None:

@@ -1,13 +1,10 @@
-"""The Orca 2 recipe in one place: template, special tokens, system messages, curriculum, paper numbers.
+"""The Orca 2 recipe in one place: template, special tokens, system messages, strategies, curriculum, paper numbers.
 
-Everything that is specific to Orca 2 (arXiv 2311.11045) rather than to LLaMA-2 training in general lives
-here and nowhere else. Facts marked "published" come from the paper or the release files; the rest are this
-project's defaults where the authors are silent (see ../shared/docs/ORCA2.md, section 9).
+    python orca2.py            # print the recipe
 
-It imports nothing but the standard library, so every other module (and a reader) can start here.
-
-    python orca2.py            # print the recipe: template, system messages, strategies, curriculum
-    python chat.py --model DIR # chat with a checkpoint under this template
+Everything specific to Orca 2 (arXiv 2311.11045) rather than to LLaMA-2 training lives here and nowhere else, in
+the standard library only. "Published" facts come from the paper or the release files; the rest are this project's
+defaults where the authors are silent (../shared/docs/ORCA2.md).
 """
 
 import sys
@@ -157,8 +154,7 @@ def print_recipe() -> None:
     print("\nSystem messages:")
     for name, message in SYSTEM_MESSAGES.items():
         print(f"  {name:9s} ({len(message)} chars) {message!r}")
-    erased = "the cautious message" if ERASED_SYSTEM_MESSAGE == CAUTIOUS_SYSTEM_MESSAGE else repr(ERASED_SYSTEM_MESSAGE)
-    print(f"  erased    prompt erasing replaces the teacher's system message by {erased}")
+    print(f"  erased    prompt erasing replaces the teacher's system message by {ERASED_SYSTEM_MESSAGE!r}")
     print("\nStrategies (the teacher's detailed instructions; python synth.py picks one per task group):")
     for name, text in STRATEGIES.items():
         print(f"  {name:24s} {text[:88]}...")

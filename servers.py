@@ -14,6 +14,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import tasks
+from orca2 import STRATEGIES
 
 def chat_response(text: str, finish_reason: str = "stop", prompt_tokens: int = 0, completion_tokens: int = 0) -> dict:
     """A /chat/completions response body, for scripted servers."""
@@ -74,12 +75,17 @@ class LocalServer(ThreadingHTTPServer):
     __exit__ = stop  # a with block stops it however it ends
 
 
+def strategy_of(system: str) -> str:
+    """The library strategy whose instruction is `system`; anything else counts as 'direct'."""
+    return next((name for name, text in STRATEGIES.items() if text == system), "direct")
+
+
 def teacher_server(port: int = 0) -> LocalServer:
     """The programmatic teacher behind the OpenAI chat-completions wire protocol, on 127.0.0.1."""
     def respond(path: str, body: dict):
         messages = body["messages"]
         system = next((m["content"] for m in messages if m["role"] == "system"), "")
-        text = tasks.teacher(messages[-1]["content"], tasks.strategy_of(system))
+        text = tasks.teacher(messages[-1]["content"], strategy_of(system))
         return 200, chat_response(text, prompt_tokens=len(json.dumps(messages)) // 4,
                                   completion_tokens=len(text) // 4), {}
     return LocalServer(respond, port)

@@ -5,8 +5,8 @@
   arith    'Ann has 5 coins. Ann gets 3 more. Ann gives away 2. How many ...'   fits step-by-step (a running total)
   compare  'Box 3 is heavier than box 7. ... Which is heavier, box 3 or box 5?'  fits recall-then-generate (facts)
   easy     'What is 5 + 3?'                                                     fits direct
-The teacher (servers.teacher_server() serves it on 127.0.0.1) reads only the question and the system instruction: always
-right under the strategy that fits, sometimes wrong under the others, so strategy selection must find that one.
+The teacher (servers.teacher_server() serves it) reads only the question and the system instruction: always right
+under the strategy that fits, sometimes wrong under the others, so strategy selection must find that one.
 """
 
 import hashlib
@@ -89,9 +89,16 @@ def teacher(question: str, strategy: str) -> str:
     return "\n".join(lines + [f"Answer: {answer}"])
 
 
-def strategy_of(system: str) -> str:
-    """The library strategy whose instruction is `system`; anything else counts as 'direct'."""
-    return next((name for name, text in STRATEGIES.items() if text == system), "direct")
+def judge(question: str, output: str) -> str:
+    """For train.py's demo: is a student's output to a miniature problem right, and did it use the fitting strategy?"""
+    try:
+        p = solve(question)
+    except ValueError:
+        return ""  # not a miniature problem
+    right = output.rsplit("Answer:", 1)[-1].strip() == p.answer if "Answer:" in output else False
+    used = output.startswith(OPENINGS[p.kind])  # each strategy's answers open with its own words
+    return (f"(the right answer is {p.answer}: {'correct' if right else 'wrong'}; strategy {FITS[p.kind]!r} fits "
+            f"this task, the student {'used it' if used else 'did not'})")
 
 
 TRAIN_SIZES = {"arith": (2, 3), "compare": (4, 5)}  # changes (arith), boxes (compare)

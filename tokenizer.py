@@ -1,13 +1,12 @@
 """The Orca 2 tokenizer: LLaMA-2's SentencePiece plus three added tokens, encoding by the exact rule of ORCA2.md 6.4.
 
     python tokenizer.py "What is 2+2?"        # the ids of that prompt under the template, and back to text
-    tok = Tokenizer.from_pretrained("Orca-2-7b"); ids = tok.encode_prompt(system, user)  # the release's exact ids
+    ids = Tokenizer.from_pretrained("Orca-2-7b").encode_prompt(system, user)  # the release's exact ids
 """
 
 import hashlib
 import json
 import sys
-from collections.abc import Iterable
 from itertools import groupby
 from pathlib import Path
 from typing import NamedTuple
@@ -41,22 +40,7 @@ def fill(template: tuple[str, ...], values: dict[str, str], supervised: bool) ->
     return segments
 
 
-def read_json_file(file: Path) -> dict:
-    """A tokenizer folder's JSON file as a dict ({} when absent); UserError naming the file when it is not one."""
-    if not file.is_file():
-        return {}
-    try:
-        loaded = json.loads(file.read_text())
-    except (ValueError, OSError) as e:
-        raise UserError(f"{file}: not a readable JSON file ({e})") from None
-    if not isinstance(loaded, dict):
-        raise UserError(f"{file}: expected a JSON object")
-    return loaded
-
-
 class Tokenizer:
-    """LLaMA-2 SentencePiece plus the Orca 2 added tokens ([PAD], <|im_start|>, <|im_end|>)."""
-
     def __init__(self, model_proto: bytes, added_tokens: dict[str, int] | None = None, pad: str = PAD):
         self.model_proto = model_proto
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
@@ -66,16 +50,13 @@ class Tokenizer:
         self.added = dict(added_tokens or {s: n + SPECIAL_IDS[s] - SPECIAL_IDS[PAD] for s in (PAD, IM_START, IM_END)})
         self.marker_of = {i: s for s, i in self.added.items()}
         if {IM_START, IM_END} - set(self.added) or min(self.marker_of) < n or len(self.marker_of) < len(self.added):
-            raise UserError(f"added tokens {self.added} need {IM_START} and {IM_END}, with distinct ids >= {n} "
-                            "(the SentencePiece vocabulary size)")
-        self.vocab_size = max(n, max(self.marker_of) + 1)
+            raise UserError(f"added tokens {self.added} need {IM_START}, {IM_END} and distinct ids >= vocab size {n}")
+        self.vocab_size = max(self.marker_of) + 1
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.im_start_id, self.im_end_id = self.added[IM_START], self.added[IM_END]
-        # The tokenizer is authoritative for padding (the 13b config.json's pad_token_id 0 is not).
-        self.pad_token = pad
+        self.pad_token = pad  # the tokenizer decides padding, not config.json (13b's says pad_token_id 0)
         self.pad_id = self.added[pad] if pad in self.added else self.sp.piece_to_id(pad)
-        # Generation ends a turn on </s> or <|im_end|>; <|im_start|> would open an invented next turn.
-        self.stop_ids = (self.eos_id, self.im_end_id, self.im_start_id)
+        self.stop_ids = (self.eos_id, self.im_end_id, self.im_start_id)  # <|im_start|>: it would open an invented turn
         digest = hashlib.sha256(model_proto + json.dumps(self.added, sort_keys=True).encode()).hexdigest()
         self.identity = f"{digest[:16]}-pad{self.pad_id}"  # part of every cache key
 
@@ -86,8 +67,15 @@ class Tokenizer:
         model_file = path / "tokenizer.model" if path.is_dir() else path
         if not model_file.is_file():
             raise UserError(f"{model_file}: no SentencePiece model there; pass a tokenizer.model or a model folder")
-        added = read_json_file(model_file.parent / "added_tokens.json")
-        config = read_json_file(model_file.parent / "tokenizer_config.json")
+        meta = {}  # the folder's added_tokens.json and tokenizer_config.json, {} when absent
+        for file in (model_file.parent / "added_tokens.json", model_file.parent / "tokenizer_config.json"):
+            try:
+                meta[file.name] = json.loads(file.read_text()) if file.is_file() else {}
+            except (ValueError, OSError) as e:
+                raise UserError(f"{file}: not a readable JSON file ({e})") from None
+            if not isinstance(meta[file.name], dict):
+                raise UserError(f"{file}: expected a JSON object")
+        added, config = meta.values()
         pad = config.get("pad_token") or PAD
         pad = pad.get("content", PAD) if isinstance(pad, dict) else pad
         decoder = {t["content"]: int(i) for i, t in config.get("added_tokens_decoder", {}).items()}
@@ -102,9 +90,8 @@ class Tokenizer:
         """The release's tokenizer files: SentencePiece model, added tokens, special tokens, generation settings."""
         (dst / "tokenizer.model").write_bytes(self.model_proto)
         special = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": self.pad_token}
-        decoder = {str(i): {"content": s, "special": True} for s, i in self.added.items()}
-        config = dict(special, tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False,
-                      legacy=True, added_tokens_decoder=decoder)
+        config = dict(special, tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False, legacy=True,
+                      added_tokens_decoder={str(i): {"content": s, "special": True} for s, i in self.added.items()})
         gen = {"bos_token_id": self.bos_id, "eos_token_id": [self.eos_id, self.im_end_id], "pad_token_id": self.pad_id}
         files = {"added_tokens.json": self.added, "special_tokens_map.json": special, "tokenizer_config.json": config,
                  "generation_config.json": gen}
@@ -131,9 +118,8 @@ class Tokenizer:
         for doc in pieces:
             n0 = len(ids)
             for p, s in doc:
-                piece_ids = encoded[p] if isinstance(p, str) else [p]
-                ids.extend(piece_ids)
-                sup.extend([int(s)] * len(piece_ids))
+                ids += encoded.get(p, [p])  # a text piece's ids, or the marker id itself
+                sup += [int(s)] * (len(ids) - len(sup))  # the piece's flag on each of its ids
             lengths.append(len(ids) - n0)
         return ids, sup, lengths
 
@@ -149,12 +135,11 @@ class Tokenizer:
         """A later user turn, to append after the previous answer and its <|im_end|> (no BOS, no leading '▁')."""
         return self.encode_docs([fill(FOLLOWUP, {"user": user}, False)], bos=False, start=False)[0]
 
-    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
         """Ids to text; added ids become their marker strings (dropped with skip_special), BOS/EOS are dropped."""
         ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        if ids and not 0 <= min(ids) <= max(ids) < self.vocab_size:
+            raise ValueError(f"token ids {min(ids)}..{max(ids)} go outside the vocabulary (0..{self.vocab_size - 1})")
         out = []
         for k, (is_marker, run) in enumerate(groupby(ids, lambda i: i in self.marker_of)):
             if not is_marker:  # only text at the very start carries the prepended '▁' that decoding removes

@@ -1,22 +1,19 @@
 """Progressive Orca 2 training: one process on a CPU or GPU, or many under torchrun with FSDP2.
 
     python train.py                                                  # the miniature demo (~2 min on 2 CPU cores)
-    python train.py --help                                           # every option: type, default, meaning
     python train.py --config=configs/orca2-7b.json --dry_run=true    # prepare every stage's data, print the plan
     torchrun --standalone --nproc_per_node=8 train.py --config=configs/orca2-7b.json
     sbatch configs/slurm-orca2-13b.sh                                # the paper's 4 x 8 A100s, preemptible
 
-In order (all visible in train()): config -> device mesh -> every stage's data (ranks share the tokenizing; cached,
-keyed by inputs and code) -> the model, built on the meta device, sharded with FSDP2 under torchrun, filled tensor by
-tensor -> per stage, per step: batches, train_step per micro-batch, clip, AdamW, log, checkpoint -> an HF export per
-stage -> the answer to a held-out prompt. A step's loss is summed over every micro-batch on every rank and divided by
-the supervised tokens of the global batch: accumulation or more ranks give one big batch's update. Checkpoints are
-sharded torch distributed checkpoints and the data position is the global step: a resume is exact on any rank count.
+In order (all visible in train()): config -> device mesh -> every stage's data (ranks share the tokenizing) -> the
+model, built on meta, sharded with FSDP2, filled tensor by tensor -> per stage, per step: batches, train_step per
+micro-batch, clip, AdamW, log, checkpoint -> an HF export per stage -> the answer to a held-out prompt. A step's loss
+is summed over every micro-batch on every rank and divided by the global batch's supervised tokens, so accumulation
+or more ranks give one big batch's update; checkpoints are resharded on resume and the data position is global.
 
-Preemption: on SIGTERM or SIGUSR1 every rank finishes its optimizer step (or save, or export), a checkpoint is written
-and the ranks exit with code 75 (EX_TEMPFAIL); the same command resumes. During data preparation they stop at once,
-keeping the cache's finished parts. torchrun forwards SIGTERM (SIGUSR1 with --signals-to-handle only) and kills its
-workers --shutdown-timeout seconds later (default 30: allow a step and a checkpoint). Exit codes: 0, 2 user error, 75.
+Preemption: on SIGTERM or SIGUSR1 every rank finishes its step (or save, or export), checkpoints and exits with code
+75 (EX_TEMPFAIL); the same command resumes. During data preparation they stop at once, keeping finished parts.
+Exit codes: 0, 2 (a user error), 75 (preempted).
 """
 
 import dataclasses
@@ -553,14 +550,7 @@ def held_out_answer(model: Transformer, tok: Tokenizer, cfg: TrainConfig, device
                             sync_ranks=dist.is_initialized())[0]
     text = tok.decode(answer, skip_special=True).removeprefix("\n")
     print0(f"\nheld-out prompt (cautious system message): {cfg.prompt}\nanswer:\n{text}")
-    try:  # a miniature problem: say whether the student got it right, and with which strategy
-        problem = tasks.solve(cfg.prompt)
-    except ValueError:
-        return
-    said = text.rsplit("Answer:", 1)[-1].strip() if "Answer:" in text else None
-    used = text.startswith(tasks.OPENINGS[problem.kind])  # each strategy's answers open with its own words
-    print0(f"(the right answer is {problem.answer}: {'correct' if said == problem.answer else 'wrong'}; strategy "
-           f"{tasks.FITS[problem.kind]!r} fits this task, the student {'used it' if used else 'did not'})")
+    print0(tasks.judge(cfg.prompt, text))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,9 @@
-"""Weight files: the one home of checkpoint-folder I/O (model loading, the trainer's export, `convert`).
+"""Weight files, one tensor at a time: HF folders (safetensors, .bin unpickled safely) and llama2.c in; safetensors out.
 
     python model.py convert Orca-2-13b Orca-2-13b-bf16 --dtype=bfloat16 --max_shard_size=5GB   # uses this module
-
-Reads Hugging Face LLaMA folders (safetensors, or the release's .bin shards, unpickled safely) and llama2.c .bin
-files; writes sharded safetensors. Tensors stream one at a time, so nothing here holds a whole large model.
 """
 
+import io
 import json
 import math
 import re
@@ -57,7 +55,6 @@ def iter_folder(path: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
         if not f.is_file():
             raise UserError(f"{found} names the shard {f.name}, which is not in {path}")
     seen: dict[str, str] = {}
-    ignored = 0
     for file in files:
         for name, t in read_shard(file):
             if name in seen:
@@ -65,10 +62,9 @@ def iter_folder(path: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
             if weight_map is not None and weight_map.get(name) != file.name:
                 raise UserError(f"{file}: holds {name!r}, but the index maps it to {weight_map.get(name)!r}")
             seen[name] = file.name
-            if name.endswith(".rotary_emb.inv_freq"):  # old conversions stored RoPE's frequencies; we recompute them
-                ignored += 1
-                continue
-            yield name, t, file
+            if not name.endswith(".rotary_emb.inv_freq"):  # old conversions stored it; RoPE is recomputed
+                yield name, t, file
+    ignored = sum(name.endswith(".rotary_emb.inv_freq") for name in seen)
     if ignored:
         print(f"{path.name}: skipped {ignored} stored rotary_emb.inv_freq buffers (recomputed from rope_theta)")
     missing = sorted(set(weight_map or {}) - set(seen))
@@ -88,14 +84,10 @@ def read_llama2c(file: Path) -> tuple[dict, Iterator[tuple[str, torch.Tensor, Pa
     if min(header[:5] + (vocab, seq_len)) < 1 or dim % n_heads or hd % 2 or 4 * floats != len(raw) - 28:
         raise UserError(f"{file}: not a llama2.c version-0 checkpoint (header {header} does not match its "
                         f"{len(raw):,} bytes); pass a llama2.c .bin file or a model folder")
-    flat = torch.frombuffer(bytearray(raw[28:]), dtype=torch.float32)
-    offset = 0
+    stream = io.BytesIO(raw[28:])
 
-    def take(*shape: int) -> torch.Tensor:
-        nonlocal offset
-        t = flat[offset:offset + math.prod(shape)].view(*shape)
-        offset += t.numel()
-        return t
+    def take(*shape: int) -> torch.Tensor:  # the next tensor of the file
+        return torch.frombuffer(bytearray(stream.read(4 * math.prod(shape))), dtype=torch.float32).view(*shape)
 
     def halves(w: torch.Tensor, heads: int) -> torch.Tensor:
         # llama2.c rotates interleaved pairs (x0, x1), ...; the HF layout rotates halves (x_i, x_{i+hd/2}).
@@ -111,8 +103,7 @@ def read_llama2c(file: Path) -> tuple[dict, Iterator[tuple[str, torch.Tensor, Pa
     sd = {"model.embed_tokens.weight": emb, "model.norm.weight": take(dim)}
     take(2, seq_len, hd // 2)  # llama2.c's precomputed RoPE tables (cos, sin): model.py computes its own
     sd["lm_head.weight"] = emb if shared else take(vocab, dim)  # a positive vocab in the header: shared classifier
-    for i in range(L):
-        sd |= {f"model.layers.{i}.{name}.weight": w[i] for name, w in layer.items()}
+    sd |= {f"model.layers.{i}.{name}.weight": w[i] for i in range(L) for name, w in layer.items()}
     config = {"hidden_size": dim, "intermediate_size": hidden, "num_hidden_layers": L,
               "num_attention_heads": n_heads, "num_key_value_heads": n_kv, "vocab_size": vocab,
               "max_position_embeddings": seq_len, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
@@ -145,8 +136,7 @@ def check_tensor(name: str, t: torch.Tensor, expected: dict[str, torch.Tensor], 
 
 def write_safetensors(tensors: Iterator[tuple[str, torch.Tensor]], path: Path, max_shard_size: int | str = "5GB",
                       total: int | None = None) -> None:
-    """Stream named tensors into safetensors shards of at most max_shard_size (with an index when sharded), holding
-    only the shard being filled; old weight files in `path` are removed first, so a folder never mixes two saves."""
+    """Stream named tensors into safetensors shards of at most max_shard_size (indexed when sharded), holding one."""
     from safetensors.torch import save_file
     from tqdm import tqdm
     # "5GB" is 5 * 10**9 bytes (decimal units, as the Hugging Face tools count); an int is a number of bytes.
@@ -154,11 +144,11 @@ def write_safetensors(tensors: Iterator[tuple[str, torch.Tensor]], path: Path, m
     if not m:
         raise UserError(f"cannot read the size {max_shard_size!r}; write it like 500MB or 5GB")
     limit = int(float(m[1]) * 10 ** {"B": 0, "KB": 3, "MB": 6, "GB": 9, "TB": 12}[m[2] or "B"])
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)  # old weight files go first, so a folder never mixes two saves
     for old in [*path.glob("model*.safetensors"), *path.glob("pytorch_model*.bin"), *path.glob("*.index.json")]:
         old.unlink()
     shards: list[list[str]] = []  # the tensor names of each shard written so far
-    shard, shard_bytes, total_bytes = {}, 0, 0
+    shard, total_bytes = {}, 0
 
     def flush():  # a temporary name until the number of shards, part of the final names, is known
         save_file(shard, str(path / f"part-{len(shards):05d}.safetensors.tmp"), metadata={"format": "pt"})
@@ -166,13 +156,10 @@ def write_safetensors(tensors: Iterator[tuple[str, torch.Tensor]], path: Path, m
         shard.clear()
 
     for name, t in tqdm(tensors, total=total, desc=f"writing {path.name}", unit="tensor", leave=False):
-        nbytes = t.numel() * t.element_size()
-        if shard and shard_bytes + nbytes > limit:
+        if shard and sum(v.nbytes for v in shard.values()) + t.nbytes > limit:
             flush()
-            shard_bytes = 0
         shard[name] = t.detach().to("cpu").contiguous()
-        shard_bytes += nbytes
-        total_bytes += nbytes
+        total_bytes += t.nbytes
     if shard or not shards:
         flush()
     n = len(shards)

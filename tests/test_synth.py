@@ -46,7 +46,7 @@ class Teacher:
 
     def __call__(self, path: str, body: dict):
         messages = body["messages"]
-        key = (tasks.strategy_of(messages[0]["content"]), messages[-1]["content"])
+        key = (servers.strategy_of(messages[0]["content"]), messages[-1]["content"])
         with self.lock:
             self.seen[key] += 1
             attempt = self.seen[key]
@@ -188,7 +188,7 @@ def test_a_student_chooses_and_the_teacher_breaks_its_ties(task_files, tmp_path)
     good = {"arith": {"direct"}, "compare": {"direct", "recall-then-generate"}, "easy": {"recall-then-generate"}}
 
     def student(path, body):
-        strategy, question = tasks.strategy_of(body["messages"][0]["content"]), body["messages"][-1]["content"]
+        strategy, question = servers.strategy_of(body["messages"][0]["content"]), body["messages"][-1]["content"]
         p = tasks.solve(question)
         return 200, servers.chat_response(f"Answer: {p.answer if strategy in good[p.kind] else 99}"), {}
 
@@ -248,7 +248,7 @@ def test_kill_9_in_generation_then_a_rerun_gives_the_uninterrupted_data(task_fil
         child.send_signal(signal.SIGKILL)
         child.wait()
         with sqlite3.connect(tmp_path / "killed" / "cache.sqlite") as db:
-            stored = {(tasks.strategy_of(m[0]["content"]), m[-1]["content"])
+            stored = {(servers.strategy_of(m[0]["content"]), m[-1]["content"])
                       for (request,) in db.execute("SELECT request FROM replies")
                       for m in [json.loads(request)["messages"]]}
         assert 48 + 4 <= len(stored) < 85, f"killed at the wrong moment: {len(stored)} answers stored"
