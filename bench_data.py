@@ -297,7 +297,7 @@ def fixed_teacher(conn) -> None:
 
 
 def miniature_teacher(conn) -> None:
-    """tasks.py's programmatic teacher. Sends its URL, then serves."""
+    """servers.py's programmatic teacher of the miniature. Sends its URL, then serves."""
     import servers
     server = servers.teacher_server()
     conn.send(server.base_url)
@@ -340,9 +340,9 @@ def client_rate_case(base_url: str, n: int, concurrency: int) -> dict:
 def synth_case(base_url: str, n_items: int, concurrency: int) -> dict:
     """synth.main over n_items miniature problems (question/answer layout), cold against the teacher, then again
     with every answer in its cache: the seconds of each whole run."""
+    import repro
     import synth
-    import tasks
-    splits = tasks.make_splits(data_seed=0, n_train=n_items // 5, n_test=n_items // 5)  # distinct problems
+    splits = repro.make_splits(data_seed=0, n_train=n_items // 5, n_test=n_items // 5)  # distinct problems
     problems = splits["train"] + [p for k in ("arith-test", "arith-hard", "compare-test", "compare-hard")
                                   for p in splits[k]]
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,15 +1,13 @@
 """The one way this project talks to OpenAI-compatible servers, with every paid answer kept in an on-disk cache.
 
-    teacher = Endpoint("https://api.openai.com/v1", "gpt-4", "runs/teacher.sqlite", desc="teacher")
-    teacher.check()  # seconds, not the retry schedule: is the server there, does it take the key
-    replies = teacher.run([("chat", {"messages": [...], "max_tokens": 1024, "temperature": 0.0}), ...])
     python servers.py  # 2,000 requests to a scripted server on 127.0.0.1, then the same again from the cache
+    teacher = Endpoint("https://api.openai.com/v1", "gpt-4", "runs/teacher.sqlite")  # then teacher.check()
+    replies = teacher.run([("chat", {"messages": [...], "max_tokens": 1024, "temperature": 0.0}), ...])
 
 A good reply is committed to sqlite, keyed by the sha256 of (kind, model, body), the moment it arrives: a kill -9
-loses none and a rerun sends only what is missing; the API key is never stored. The openai client retries 408, 409,
-429, 5xx, timeouts and lost connections (max_retries, 0.5 s doubling to 8 s or as Retry-After says); what still
-fails, or a 200 that breaks the protocol, is a Failure (not stored) that the next run retries. Any other 4xx would
-refuse every request alike: the run stops with a UserError.
+loses none and a rerun sends only what is missing; the key is never stored. The openai client retries 408, 409,
+429, 5xx, timeouts and lost connections; what still fails, or a 200 that breaks the protocol, is a Failure (not
+stored) that the next run retries. Any other 4xx refuses every request alike: the run stops with a UserError.
 """
 
 import asyncio
@@ -30,13 +28,11 @@ PATHS = {"chat": "/chat/completions", "completions": "/completions"}  # request 
 
 
 def request_key(kind: str, model: str, body: dict) -> str:
-    """sha256 hex of the canonical JSON of everything that determines the reply."""
     text = json.dumps([kind, model, body], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def one_line(text: object, limit: int = 200) -> str:
-    """The start of a message or a reply body, on one line."""
     return " ".join(str(text).split())[:limit]
 
 
@@ -47,8 +43,7 @@ class Cache:
 
     def __init__(self, path: str | Path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: every statement commits. WAL with synchronous=NORMAL survives a killed process
-        # (only a power cut can lose the last commits) without an fsync per reply.
+        # Every statement commits; WAL + synchronous=NORMAL survives a killed process without an fsync per reply.
         self.db = sqlite3.connect(str(path), isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
@@ -56,13 +51,11 @@ class Cache:
                         "(key TEXT PRIMARY KEY, kind TEXT, model TEXT, request TEXT, reply TEXT, created REAL)")
 
     def get_many(self, keys: list[str]) -> dict[str, dict]:
-        """key -> stored reply JSON, for the keys that are stored."""
         # the keys go in as one JSON array: no limit on the number of ? parameters to chunk around
         query = "SELECT key, reply FROM replies WHERE key IN (SELECT value FROM json_each(?))"
         return {key: json.loads(reply) for key, reply in self.db.execute(query, [json.dumps(keys)])}
 
     def put(self, key: str, kind: str, model: str, body: dict, reply: dict) -> None:
-        """Store one successful reply; committed when this returns."""
         row = (key, kind, model, json.dumps(body), json.dumps(reply), time.time())
         self.db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?, ?)", row)
 

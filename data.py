@@ -134,7 +134,7 @@ def _tokenize_part(tok: Tokenizer, plan: dict, part: tuple, file: Path) -> None:
         out["hashes"].append(np.frombuffer(b"".join(digests), np.uint64))  # exact duplicates: same (system, turns)
     arrays = {k: np.concatenate(out[k]) for k in ("ids", "sup", "lengths", "hashes")}
     text = json.dumps({k: out[k] for k in ("columns", "errors", "records")})
-    file.parent.mkdir(parents=True, exist_ok=True)  # only by a rank with parts: rank 0 may have merged them already
+    file.parent.mkdir(parents=True, exist_ok=True)  # not before: rank 0 may have merged and removed it already
     tmp = file.with_name(f"{file.name}.tmp{os.getpid()}.npz")
     np.savez(tmp, **arrays, text=np.frombuffer(text.encode(), np.uint8))
     os.replace(tmp, file)  # atomic: a part file is complete or absent
@@ -191,7 +191,10 @@ def merge_parts(plan: dict, part_files: list[Path], cfg: DataConfig, folder: Pat
                     raise UserError(f"{error} (--skip_bad_lines=true skips and counts them)")
                 bad += [error][:5 - len(bad)]
             # an exact duplicate of an earlier example of the file is dropped (a set of ints: ~70 bytes an example)
-            new = np.array([h not in seen and not seen.add(h) for h in r["hashes"].tolist()], bool)
+            hashes = r["hashes"].tolist()
+            first = {h: k for k, h in reversed(list(enumerate(hashes))) if h not in seen}  # each new hash's first row
+            new = np.array([first.get(h) == k for k, h in enumerate(hashes)], bool)
+            seen.update(first)
             lengths = r["lengths"]
             fits = lengths <= cfg.max_len  # else dropped, or truncated to its first max_len tokens
             keep = new & (fits | truncate)
@@ -331,7 +334,7 @@ def pack_best_fit(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.nd
 
 
 def mixture_indices(n: int, weight: float, seed: int, source_index: int) -> np.ndarray:
-    """Documents kept from n: round(weight * n), as whole copies plus a seeded sample; the same every epoch."""
+    """Indices of the documents kept: round(weight * n), as whole copies plus a seeded sample; the same every epoch."""
     if weight < 0:
         raise UserError(f"mixture weight must be >= 0, got {weight}")
     copies, rest = divmod(round(weight * n), n) if n else (0, 0)

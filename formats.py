@@ -1,4 +1,4 @@
-"""Data files as published, read strictly: layouts, JSON lines, parquet rows, parts. No torch (synth.py uses it too).
+"""Data files as published, read strictly: layouts, JSON lines, parquet rows, parts (no torch: shared by commands).
 
     python formats.py FILE.jsonl       # its layout, metadata columns, parts, and the first record as a Conversation
 """

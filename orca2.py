@@ -11,8 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-# The project's bundled data (tokenizers, benchmarks, samples), beside the checkout: ../shared/data/README.md.
-SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"  # beside the checkout; see its README.md
 
 # ---- chat template and special tokens (published: model card, added_tokens.json) ----
 
@@ -145,27 +144,21 @@ PAPER_RESULTS = {model: dict(zip((*BENCHMARKS, "avg"), row)) for model, row in P
 
 def print_recipe() -> None:
     """The template rendered for an example, the system messages, the strategies and the curriculum."""
-    print("Template (model card), rendered with the cautious system message; <s> goes in front:")
+    print("Template (model card) with the cautious system message; <s> goes in front:")
     print(render_prompt(CAUTIOUS_SYSTEM_MESSAGE, "What is 2+2?"))
-    print("\nTraining target appended to it; the loss covers exactly this span:")
-    print(repr(render(TARGET, response="The answer is 4.")))
-    print("\nA follow-up turn is appended to the previous answer as:", repr(render(FOLLOWUP, user="And 3+3?")))
-    print(f"\nSpecial ids: {SPECIAL_IDS}; vocabulary {VOCAB_SIZE}")
-    print("\nSystem messages:")
-    for name, message in SYSTEM_MESSAGES.items():
-        print(f"  {name:9s} ({len(message)} chars) {message!r}")
-    print(f"  erased    prompt erasing replaces the teacher's system message by {ERASED_SYSTEM_MESSAGE!r}")
-    print("\nStrategies (the teacher's detailed instructions; python synth.py picks one per task group):")
+    print(f"\nThe loss covers exactly the span appended: {render(TARGET, response='The answer is 4.')!r}")
+    print(f"A follow-up turn comes after the answer: {render(FOLLOWUP, user='And 3+3?')!r}")
+    print(f"Special ids: {SPECIAL_IDS}; vocabulary {VOCAB_SIZE}")
+    print(f"\nSystem messages: {list(SYSTEM_MESSAGES)}; prompt erasing puts the generic one, the cautious message, "
+          "in the teacher's place")
+    print("\nStrategies (the teacher's detailed instructions; synth.py picks one per task group):")
     for name, text in STRATEGIES.items():
         print(f"  {name:24s} {text[:88]}...")
     print("\nCurriculum (progressive learning; each stage starts from the previous one's weights):")
     stages = paper_curriculum("FLAN.jsonl", "ORCA1_CHATGPT.jsonl", "ORCA1_GPT4.jsonl", "ORCA2.jsonl")
     for k, stage in enumerate(stages, 1):
         print(f"  {k}. {stage.name}: {stage.epochs} epochs, lr {stage.lr:g}, warmup {stage.warmup_ratio:.0%}, "
-              f"cosine to {stage.min_lr_ratio:g} x lr")
-        for s in stage.sources:
-            system = "erased (generic message)" if s.erase else ("file's own" if s.system is None else repr(s.system))
-            print(f"       {s.name} <- {s.path}, weight {s.weight:g}, system message: {system}")
+              f"cosine to {stage.min_lr_ratio:g} x lr; sources {stage.sources}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 The paper (ORCA2.md sections 1-3) says a small student taught *how* to solve problems (several strategies, each on
 the task type it suits), with the teacher's strategy instruction erased from its prompt, beats a student that copies
 the teacher's direct answers, zero-shot and on held-out problems. This script tests that with the project's own
-pipeline end to end: tasks.py's programmatic teacher is served on 127.0.0.1 through the OpenAI wire protocol,
+pipeline end to end: servers.py's programmatic teacher is served on 127.0.0.1 through the OpenAI wire protocol,
 synth.py picks a strategy per task type by the teacher's accuracy and writes the Orca 2 data, train.py fine-tunes a
 tiny pretrained base (llama2.c's 260K-parameter TinyStories model, which shares the 512-piece tokenizer: our
 stand-in for LLaMA-2) into each student, and the students are scored zero-shot by exact match on held-out problems,
@@ -27,6 +27,7 @@ Every student is tested with the generic message only (no strategy instruction, 
 
 import dataclasses
 import json
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,21 @@ def check_config(cfg: ReproConfig) -> ReproConfig:
     return cfg
 
 
-# ---- the data: direct answers, and synth.py's Orca 2 data from the served teacher ----
+# ---- the problems, and the data: direct answers, and synth.py's Orca 2 data from the served teacher ----
+
+HARD_SIZES = {"arith": (4, 5), "compare": (6, 7)}  # strictly beyond anything in training (tasks.TRAIN_SIZES)
+
+
+def make_splits(data_seed: int, n_train: int, n_test: int) -> dict[str, list[tasks.Problem]]:
+    """train, and held-out splits per task type: '-test' (training sizes), '-hard' (larger), 'easy-seen'."""
+    rng = random.Random(data_seed)  # the held-out problems (and EXAMPLE_PROMPT) come first: training never repeats one
+    splits = {f"{kind}-{name}": [tasks.make_problem(rng, kind, sizes) for _ in range(n_test)]
+              for kind in ("arith", "compare") for name, sizes in (("test", tasks.TRAIN_SIZES), ("hard", HARD_SIZES))}
+    held_out = {p.question for ps in splits.values() for p in ps} | {tasks.EXAMPLE_PROMPT}
+    train = tasks.make_problems(rng, n_train, held_out)
+    # the easy sums are too few to hold out: 'easy-seen' checks they are still answered directly and correctly
+    splits["easy-seen"] = [p for p in train if p.kind == "easy"][:n_test]
+    return {"train": train, **splits}
 
 
 def make_data(cfg: ReproConfig, problems: list[tasks.Problem], work: Path) -> tuple[dict[str, Path], dict]:
@@ -188,7 +203,7 @@ def main(cfg: ReproConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     print(f"repro config: {json.dumps(dataclasses.asdict(cfg))}")
     work = Path(cfg.out_dir)
-    splits = tasks.make_splits(cfg.data_seed, cfg.n_train, cfg.n_test)
+    splits = make_splits(cfg.data_seed, cfg.n_train, cfg.n_test)
     train_set, tests = splits.pop("train"), splits
     files, selected = make_data(cfg, train_set, work)
     counts = ", ".join(f"{k} {sum(p.kind == k for p in train_set)}" for k in tasks.TRAIN_MIX)

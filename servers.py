@@ -1,13 +1,20 @@
 """OpenAI-compatible servers on 127.0.0.1: the miniature's programmatic teacher, and the tests' scripted servers.
 
+The teacher reads only the question and the system instruction: always right under the strategy that fits the task
+(tasks.solution), sometimes wrong under the others, as a real model is when it guesses a multi-step answer at once,
+so strategy selection has something to find.
+
     python servers.py                                   # client.py's speed: requests/s sent, then from its cache
     python -c "import servers; servers.teacher_server(8100).serve_forever()"   # the teacher, for synth.py by hand
 
-repro.py serves tasks.py's teacher with teacher_server() for its run, so its data is made by synth.py through the
+repro.py serves the teacher with teacher_server() for its run, so its data is made by synth.py through the
 same wire protocol as a real teacher's; bench.py and the tests script LocalServer with a respond(path, body).
 """
 
+import hashlib
 import json
+import random
+import re
 import sys
 import threading
 import time
@@ -75,6 +82,36 @@ class LocalServer(ThreadingHTTPServer):
     __exit__ = stop  # a with block stops it however it ends
 
 
+# The teacher's accuracy when a strategy does not fit: (task, strategy) -> chance of the right answer.
+MISFIT_ACCURACY = {("arith", "recall-then-generate"): 0.7, ("compare", "step-by-step"): 0.8}
+GUESS_ACCURACY = {"arith": 0.5, "compare": 0.55}  # any other strategy: an answer guessed at once
+
+
+def teacher(question: str, strategy: str) -> str:
+    """The teacher's response under a strategy: right under the fitting one, sometimes wrong under the others."""
+    p = tasks.solve(question)
+    if strategy == tasks.FITS[p.kind]:
+        return tasks.solution(p)
+    answer = p.answer
+    if p.kind != "easy":  # a guess or an ill-fitting method: sometimes wrong (deterministically, per question)
+        chance = MISFIT_ACCURACY.get((p.kind, strategy), GUESS_ACCURACY[p.kind])
+        right = random.Random(hashlib.sha256(f"{strategy}\n{question}".encode()).digest()).random() < chance
+        if not right and p.kind == "arith":  # a plausible mistake: off by one
+            answer = str(int(answer) + 1 if int(answer) < 9 else int(answer) - 1)
+        elif not right:  # or the other box asked about
+            answer = next(b for b in re.findall(r"box (\d)", question.split("Which")[-1]) if b != answer)
+    sentences = [s.strip() for s in re.findall(r"[^.?]+[.?]", question)][:-1]  # the statements, not the question
+    if strategy not in ("step-by-step", "recall-then-generate"):
+        lines = []  # direct, or a strategy this teacher does not know: it answers at once
+    elif p.kind == "easy":
+        lines = [f"{question[8:-1]} = {answer}"]
+    elif strategy == "step-by-step":
+        lines = ["Step by step:", *sentences]
+    else:
+        lines = [tasks.OPENINGS["compare"], *sentences]
+    return "\n".join(lines + [f"Answer: {answer}"])
+
+
 def strategy_of(system: str) -> str:
     """The library strategy whose instruction is `system`; anything else counts as 'direct'."""
     return next((name for name, text in STRATEGIES.items() if text == system), "direct")
@@ -85,7 +122,7 @@ def teacher_server(port: int = 0) -> LocalServer:
     def respond(path: str, body: dict):
         messages = body["messages"]
         system = next((m["content"] for m in messages if m["role"] == "system"), "")
-        text = tasks.teacher(messages[-1]["content"], strategy_of(system))
+        text = teacher(messages[-1]["content"], strategy_of(system))
         return 200, chat_response(text, prompt_tokens=len(json.dumps(messages)) // 4,
                                   completion_tokens=len(text) // 4), {}
     return LocalServer(respond, port)

@@ -7,9 +7,9 @@
     python synth.py --tasks=tasks.jsonl --base_url=https://api.openai.com/v1 --teacher=gpt-4 --out=runs/gpt4 \\
         --student=stage2 --student_base_url=http://localhost:8001/v1 --dry_run=true
     # the miniature (tasks.py): ~300 problems, and its programmatic teacher on port 8100
-    python -c "import json, tasks; [print(json.dumps(vars(p) | {'task': p.kind})) for p in \\
-        tasks.make_splits(0, 300, 1)['train']]" > mini.jsonl
-    python -c "import tasks; servers.teacher_server(8100).serve_forever()" &
+    python -c "import json, random, tasks; [print(json.dumps(vars(p) | {'task': p.kind})) for p in \\
+        tasks.make_problems(random.Random(0), 300, set())]" > mini.jsonl
+    python -c "import servers; servers.teacher_server(8100).serve_forever()" &
     python synth.py --tasks=mini.jsonl --base_url=http://127.0.0.1:8100/v1 --teacher=mini --out=runs/mini \\
         --strategies=direct,step-by-step,recall-then-generate --select_n=10
 

@@ -1,15 +1,14 @@
-"""The miniature: three small task types and a programmatic teacher whose accuracy depends on its strategy.
+"""The miniature: three small task types, each with the strategy that fits it and its worked solution.
 
-    python tasks.py                      # a few problems, and the teacher's answer under each strategy
+    python tasks.py                      # a problem of each type and its solution
 
   arith    'Ann has 5 coins. Ann gets 3 more. Ann gives away 2. How many ...'   fits step-by-step (a running total)
   compare  'Box 3 is heavier than box 7. ... Which is heavier, box 3 or box 5?'  fits recall-then-generate (facts)
   easy     'What is 5 + 3?'                                                     fits direct
-The teacher (servers.teacher_server() serves it) reads only the question and the system instruction: always right
-under the strategy that fits, sometimes wrong under the others, so strategy selection must find that one.
+train.py's demo trains on these solutions with the instruction erased; servers.py's teacher also answers under the
+strategies that do not fit (sometimes wrongly), for synth.py's strategy selection in repro.py.
 """
 
-import hashlib
 import json
 import os
 import random
@@ -24,9 +23,6 @@ THINGS = ["coins", "apples", "cards", "stamps", "books", "shells"]
 ADJECTIVES = ["heavier", "bigger", "older", "taller"]
 FITS = {"arith": "step-by-step", "compare": "recall-then-generate", "easy": "direct"}  # the designed strategies
 OPENINGS = {"arith": "Running total:", "compare": "Recall the facts:", "easy": "Answer:"}  # their first words
-# The teacher's accuracy when a strategy does not fit: (task, strategy) -> chance of the right answer.
-MISFIT_ACCURACY = {("arith", "recall-then-generate"): 0.7, ("compare", "step-by-step"): 0.8}
-GUESS_ACCURACY = {"arith": 0.5, "compare": 0.55}  # any other strategy: an answer guessed at once
 EXAMPLE_PROMPT = "Ann has 5 coins. Ann gets 3 more. Ann gives away 2. How many coins does Ann have now?"
 
 
@@ -66,27 +62,9 @@ def solve(question: str) -> Problem:
     return Problem("compare", question, ask[1] if box == ask[2] else ask[2], recalled, len(facts) + 1)
 
 
-def teacher(question: str, strategy: str) -> str:
-    """The teacher's response under a strategy: right under the fitting one, sometimes wrong under the others."""
-    p = solve(question)
-    answer = p.answer
-    if strategy != FITS[p.kind] and p.kind != "easy":  # a guess or an ill-fitting method: sometimes wrong
-        chance = MISFIT_ACCURACY.get((p.kind, strategy), GUESS_ACCURACY[p.kind])
-        right = random.Random(hashlib.sha256(f"{strategy}\n{question}".encode()).digest()).random() < chance
-        if not right and p.kind == "arith":  # a plausible mistake: off by one
-            answer = str(int(answer) + 1 if int(answer) < 9 else int(answer) - 1)
-        elif not right:  # or the other box asked about
-            answer = next(b for b in re.findall(r"box (\d)", question.split("Which")[-1]) if b != answer)
-    sentences = [s.strip() for s in re.findall(r"[^.?]+[.?]", question)][:-1]  # the statements, not the question
-    if strategy not in ("step-by-step", "recall-then-generate"):
-        lines = []  # direct, or a strategy this teacher does not know: it answers at once
-    elif p.kind == "easy":
-        lines = [f"{question[8:-1]} = {answer}"]
-    elif strategy == "step-by-step":
-        lines = [OPENINGS["arith"], *p.steps] if p.kind == "arith" else ["Step by step:", *sentences]
-    else:
-        lines = [OPENINGS["compare"], *(p.steps if p.kind == "compare" else sentences)]
-    return "\n".join(lines + [f"Answer: {answer}"])
+def solution(p: Problem) -> str:
+    """The worked answer under the strategy that fits: a running total, the facts recalled, or the answer at once."""
+    return "\n".join(([OPENINGS[p.kind]] if p.steps else []) + p.steps + [f"Answer: {p.answer}"])
 
 
 def judge(question: str, output: str) -> str:
@@ -95,14 +73,13 @@ def judge(question: str, output: str) -> str:
         p = solve(question)
     except ValueError:
         return ""  # not a miniature problem
-    right = output.rsplit("Answer:", 1)[-1].strip() == p.answer if "Answer:" in output else False
+    right = "Answer:" in output and output.rsplit("Answer:", 1)[1].strip() == p.answer
     used = output.startswith(OPENINGS[p.kind])  # each strategy's answers open with its own words
     return (f"(the right answer is {p.answer}: {'correct' if right else 'wrong'}; strategy {FITS[p.kind]!r} fits "
             f"this task, the student {'used it' if used else 'did not'})")
 
 
 TRAIN_SIZES = {"arith": (2, 3), "compare": (4, 5)}  # changes (arith), boxes (compare)
-HARD_SIZES = {"arith": (4, 5), "compare": (6, 7)}  # strictly beyond anything in training
 TRAIN_MIX = {"arith": 0.49, "compare": 0.495, "easy": 0.015}  # only 48 distinct easy sums exist
 
 
@@ -133,26 +110,20 @@ def make_problem(rng: random.Random, kind: str, sizes: dict) -> Problem:
     return solve(" ".join(text))
 
 
-def make_splits(data_seed: int, n_train: int, n_test: int) -> dict[str, list[Problem]]:
-    """train, and held-out splits per task type: '-test' (training sizes), '-hard' (larger), 'easy-seen'."""
-    rng = random.Random(data_seed)  # the held-out problems (and EXAMPLE_PROMPT) come first: training never repeats one
-    splits = {f"{kind}-{name}": [make_problem(rng, kind, sizes) for _ in range(n_test)]
-              for kind in ("arith", "compare") for name, sizes in (("test", TRAIN_SIZES), ("hard", HARD_SIZES))}
-    seen = {p.question for ps in splits.values() for p in ps} | {EXAMPLE_PROMPT}
-    kinds = [kind for kind, share in TRAIN_MIX.items() for _ in range(round(share * n_train))]
+def make_problems(rng: random.Random, n: int, seen: set[str]) -> list[Problem]:
+    """n distinct training problems in TRAIN_MIX's shares and TRAIN_SIZES, none of them in `seen` (held out)."""
+    kinds = [kind for kind, share in TRAIN_MIX.items() for _ in range(round(share * n))]
     rng.shuffle(kinds)
-    train = []
+    seen, problems = set(seen), []
     for kind in kinds:
         p, tries = make_problem(rng, kind, TRAIN_SIZES), 0
         while p.question in seen:
             p, tries = make_problem(rng, kind, TRAIN_SIZES), tries + 1
             if tries > 10_000:
-                raise ValueError(f"ran out of distinct {kind} problems; lower n_train or that kind's share")
+                raise ValueError(f"ran out of distinct {kind} problems; lower n or that kind's share")
         seen.add(p.question)
-        train.append(p)
-    # the easy sums are too few to hold out: 'easy-seen' checks they are still answered directly and correctly
-    splits["easy-seen"] = [p for p in train if p.kind == "easy"][:n_test]
-    return {"train": train, **splits}
+        problems.append(p)
+    return problems
 
 
 def write_data(problems: list[Problem], path: Path) -> None:
@@ -161,8 +132,7 @@ def write_data(problems: list[Problem], path: Path) -> None:
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
         for p in problems:
-            row = {"system_prompt": STRATEGIES[FITS[p.kind]], "question": p.question,
-                   "response": teacher(p.question, FITS[p.kind])}
+            row = {"system_prompt": STRATEGIES[FITS[p.kind]], "question": p.question, "response": solution(p)}
             f.write(json.dumps(row) + "\n")
     os.replace(tmp, path)
 
@@ -174,6 +144,4 @@ if __name__ == "__main__":
         raise SystemExit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
     rng = random.Random(0)
     for p in [make_problem(rng, kind, TRAIN_SIZES) for kind in FITS]:
-        print(f"\n[{p.kind}] {p.question}  (gold {p.answer})")
-        for s in ("direct", "step-by-step", "recall-then-generate"):
-            print(f"--- {s}:\n{teacher(p.question, s)}")
+        print(f"\n[{p.kind}] {p.question}  (gold {p.answer}; {FITS[p.kind]})\n{solution(p)}")

@@ -12,8 +12,7 @@ is summed over every micro-batch on every rank and divided by the global batch's
 or more ranks give one big batch's update; checkpoints are resharded on resume and the data position is global.
 
 Preemption: on SIGTERM or SIGUSR1 every rank finishes its step (or save, or export), checkpoints and exits with code
-75 (EX_TEMPFAIL); the same command resumes. During data preparation they stop at once, keeping finished parts.
-Exit codes: 0, 2 (a user error), 75 (preempted).
+75 (EX_TEMPFAIL; 2 is a user error); the same command resumes. During data preparation they stop at once.
 """
 
 import dataclasses
@@ -21,6 +20,7 @@ import datetime
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import struct
@@ -54,21 +54,18 @@ PREEMPTED = 75  # exit code after a checkpoint on SIGTERM / SIGUSR1: rerun the s
 @dataclass
 class TrainConfig(data.DataConfig):
     # model and tokenizer
-    model: str = str(STORIES260K)  # start from: an HF folder (LLaMA-2, Orca 2), a llama2.c .bin file, or a
-                                   # ModelArgs preset name (tiny, llama2-7b, ...: random init)
+    model: str = str(STORIES260K)  # an HF folder (LLaMA-2, Orca 2), a llama2.c .bin, or a preset name (random init)
     tokenizer: str = ""            # tokenizer.model or folder; "" = the model's own (LLaMA-2's for a preset)
-    # curriculum: stages as dicts {name, sources: [{name, path, weight, erase, system}], epochs, lr, warmup_ratio,
-    # min_lr_ratio} (orca2.Stage); empty = one stage on `data`, with prompt erasing
-    stages: list = field(default_factory=list)
+    stages: list = field(default_factory=list)  # curriculum: orca2.Stage dicts {name, sources: [{name, path, weight,
+                                                # erase, system}], epochs, lr, ...}; empty = one stage on `data`
     data: str = "miniature"        # that one stage's data file ("miniature": tasks.py's problems, in <out_dir>/data)
     epochs: int = 2                # that one stage's epochs
     lr: float = 5e-3               # that one stage's peak learning rate
     max_steps: int = 0             # stop each stage after this many optimizer steps (0 = run all epochs)
     max_len: int = 1024            # tokens per packed row (paper: 4096); may exceed the context, an example may not
-    # batch: global_batch packed rows per optimizer step over all ranks, micro_batch rows per rank per forward;
-    # gradient accumulation = global_batch / (micro_batch * data-parallel ranks)
-    global_batch: int = 2
-    micro_batch: int = 2
+    # batch (gradient accumulation = global_batch / (micro_batch * ranks))
+    global_batch: int = 2          # packed rows per optimizer step, over all ranks
+    micro_batch: int = 2           # rows per rank per forward
     # optimizer (ORCA2.md 5.4: not published; these are the project's defaults)
     beta1: float = 0.9
     beta2: float = 0.95
@@ -76,8 +73,7 @@ class TrainConfig(data.DataConfig):
     weight_decay: float = 0.0
     grad_clip: float = 1.0         # max global gradient norm (0 = off)
     # precision and speed
-    dtype: str = "auto"            # compute dtype: bfloat16 or float32; "auto" = bfloat16 on GPU, float32 on CPU.
-                                   # Master weights, AdamW states and gradient reduction are always float32
+    dtype: str = "auto"            # compute dtype: bfloat16 or float32; "auto" = bf16 on GPU (master weights fp32)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
     compile: bool = False          # torch.compile each transformer block (regional compilation)
     # distributed
@@ -88,8 +84,7 @@ class TrainConfig(data.DataConfig):
     save_every: int = 0            # also checkpoint every N steps (0 = only at the end of each stage)
     keep_last: int = 2             # checkpoints kept (older ones are deleted)
     resume: bool = True            # continue from the latest complete checkpoint in out_dir
-    stop_at_step: int = 0          # end the run after this many optimizer steps in all, with a checkpoint (as when
-                                   # a cluster allocation ends); a later run resumes from it. 0 = run to the end
+    stop_at_step: int = 0          # stop with a checkpoint after this many steps in all (0 = never); rerun resumes
     export_dtype: str = "bfloat16"  # dtype of the HF export written at the end of each stage
     prompt: str = tasks.EXAMPLE_PROMPT  # held-out prompt answered at the end (cautious system message)
     max_new_tokens: int = 64       # length of that answer
@@ -98,20 +93,13 @@ class TrainConfig(data.DataConfig):
     dry_run: bool = False          # prepare the data of every stage and print the plan; build no model
 
 
-def check_config(cfg: TrainConfig) -> None:
-    if cfg.dtype not in ("auto", "bfloat16", "float32") or cfg.export_dtype not in ("bfloat16", "float32"):
-        raise UserError(f"dtype takes auto/bfloat16/float32, export_dtype bfloat16/float32: got {cfg.dtype!r}, "
-                        f"{cfg.export_dtype!r}")
-    if min(cfg.keep_last, cfg.global_batch, cfg.micro_batch, cfg.max_len) < 1:
-        raise UserError("keep_last, global_batch, micro_batch and max_len must be at least 1")
-
-
 def curriculum(cfg: TrainConfig, rank: int, group) -> list[orca2.Stage]:
     """The stages from the config; the demo's miniature data is written first (rank 0; the others see it)."""
     if not cfg.stages:
         path = str(Path(cfg.out_dir) / "data" / "miniature.jsonl") if cfg.data == "miniature" else cfg.data
         if cfg.data == "miniature" and rank == 0 and not Path(path).is_file():
-            tasks.write_data(tasks.make_splits(data_seed=1234, n_train=2000, n_test=100)["train"], Path(path))
+            problems = tasks.make_problems(random.Random(1234), 2000, seen={tasks.EXAMPLE_PROMPT})
+            tasks.write_data(problems, Path(path))
         barrier(group)  # the others wait for it
         return [orca2.Stage("orca2", [orca2.Source("data", path, erase=True)], epochs=cfg.epochs, lr=cfg.lr)]
     stages = []
@@ -150,12 +138,10 @@ def setup_distributed(cfg: TrainConfig):
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             timeout=datetime.timedelta(seconds=cfg.timeout_s))
     from torch.distributed.device_mesh import init_device_mesh
-    # HSDP (dp_replicate > 1): shard inside a replica group (a node), replicate across the groups
     shape = (cfg.dp_replicate, world // cfg.dp_replicate) if cfg.dp_replicate > 1 else (world,)
-    names = ("replicate", "shard") if cfg.dp_replicate > 1 else ("shard",)
+    names = ("replicate", "shard") if cfg.dp_replicate > 1 else ("shard",)  # HSDP: shard in a node, replicate across
     mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
-    # Data preparation may keep rank 0 busy for hours (hashing, merging): its one broadcast and barrier use a CPU
-    # group of their own that waits a week, not timeout_s; everything else in it waits on files (data.wait_for).
+    # Data preparation may keep rank 0 busy for hours: its broadcast and barrier wait a week, not timeout_s.
     prep_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
     return rank, world, device, mesh, prep_group
 
@@ -313,9 +299,7 @@ def save_checkpoint(model, opt, state: dict, cfg: TrainConfig, rank: int):
         tmp.mkdir(parents=True)
     barrier()
     model_sd, optim_sd = get_state_dict(model, opt)
-    with warnings.catch_warnings():  # one process without a process group is a supported case, not a problem
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     barrier()
     if rank == 0:
         extra = dict(state, config=dataclasses.asdict(cfg), torch_rng_state=torch.get_rng_state().tolist())
@@ -331,9 +315,7 @@ def load_checkpoint(model, opt, path: Path) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     model_sd, optim_sd = get_state_dict(model, opt)  # also creates the AdamW states to load into
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
     set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
     state = json.loads((path / "train_state.json").read_text())
     torch.set_rng_state(torch.tensor(state["torch_rng_state"], dtype=torch.uint8))
@@ -401,7 +383,13 @@ def attention_pairs(batch: dict, pad_id: int) -> int:
 
 
 def main(cfg: TrainConfig):
-    check_config(cfg)
+    if cfg.dtype not in ("auto", "bfloat16", "float32") or cfg.export_dtype not in ("bfloat16", "float32"):
+        raise UserError(f"dtype takes auto/bfloat16/float32, export_dtype bfloat16/float32: got {cfg.dtype!r}, "
+                        f"{cfg.export_dtype!r}")
+    if min(cfg.keep_last, cfg.global_batch, cfg.micro_batch, cfg.max_len) < 1:
+        raise UserError("keep_last, global_batch, micro_batch and max_len must be at least 1")
+    # DCP warns that one process has no process group: a supported case here, not a problem
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     previous = {}  # the caller's handlers, back at the end (main may be called from Python: tests, other commands)
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         previous[sig] = signal.signal(sig, Preemption.handler)
@@ -429,8 +417,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, mesh, p
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     stages = curriculum(cfg, rank, prep_group)
     tok = Tokenizer.from_pretrained(cfg.tokenizer or default_tokenizer(cfg))
-    # Every stage's data first. Rank 0 fingerprints the files once (the cache keys: all ranks must agree), the ranks
-    # split the tokenizing (num_workers is per node), rank 0 merges and packs, the others poll for it (no timeout).
+    # Every stage's data first: rank 0 plans (file hashes: all ranks agree), all tokenize, rank 0 merges and packs.
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     data_cfg = dataclasses.replace(cfg, num_workers=max(1, (cfg.num_workers or len(os.sched_getaffinity(0))) // local))
     plans = [[data.plan_stage(s.sources, tok, data_cfg, log=print0) for s in stages] if rank == 0 else None]
@@ -454,8 +441,8 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, mesh, p
         raise UserError(f"the data holds examples of up to {longest} tokens, but the model's context is {ctx}: set "
                         f"--max_len={ctx} (longer examples are dropped, or cut with --on_too_long=truncate)")
     accum = cfg.global_batch // (cfg.micro_batch * world)
-    print0(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {model.args}; computing in {dtype}")
-    print0(f"global batch {cfg.global_batch} = {cfg.micro_batch} rows x {world} rank(s) x {accum} accumulation steps")
+    print0(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {model.args}; computing in {dtype}; "
+           f"global batch {cfg.global_batch} = {cfg.micro_batch} rows x {world} rank(s) x {accum} accumulation steps")
     opt = make_optimizer(model, cfg)
     found = checkpoint_dirs(out_dir)
     if found and not cfg.resume:
@@ -554,10 +541,9 @@ def held_out_answer(model: Transformer, tok: Tokenizer, cfg: TrainConfig, device
 
 
 if __name__ == "__main__":
-    # record() reports a rank's crash (a bug) with its traceback through torchrun; cli.run, inside it, turns a user
-    # error into one line and exit code 2 first. A torchrun worker then leaves without interpreter shutdown: DTensor's
-    # caches keep the process groups (and gloo's threads) alive past destroy_process_group, and destroying them during
-    # shutdown can abort a finished run ("terminate called without an active exception"). Its files are closed.
+    # record() reports a crash (a bug) through torchrun; cli.run turns a user error into one line first. A worker
+    # leaves without interpreter shutdown: DTensor's caches keep gloo's threads alive past destroy_process_group, and
+    # freeing them during shutdown can abort a finished run ("terminate called without an active exception").
     try:
         record(cli.run)(main, TrainConfig, __doc__)
         code = 0

@@ -10,6 +10,7 @@ import torch
 import data
 import orca2
 import repro
+import servers
 import tasks
 from conftest import SHARED_DATA
 from tokenizer import Tokenizer
@@ -19,7 +20,7 @@ TOK512 = SHARED_DATA / "tiny-llama" / "tok512.model"
 
 @pytest.fixture(scope="module")
 def splits():
-    return tasks.make_splits(data_seed=1234, n_train=3000, n_test=100)
+    return repro.make_splits(data_seed=1234, n_train=3000, n_test=100)
 
 
 def solve(question: str) -> str:
@@ -52,7 +53,7 @@ def test_the_fitting_strategy_is_always_right_and_the_others_are_not(splits):
     for p in splits["train"]:
         assert p.answer == solve(p.question), p.question
         for s in ("direct", "step-by-step", "recall-then-generate"):
-            wrong[p.kind, s] += answer(tasks.teacher(p.question, s)) != p.answer
+            wrong[p.kind, s] += answer(servers.teacher(p.question, s)) != p.answer
     n = {kind: sum(p.kind == kind for p in splits["train"]) for kind in tasks.FITS}
     for kind, fit in tasks.FITS.items():
         assert wrong[kind, fit] == 0
@@ -60,13 +61,13 @@ def test_the_fitting_strategy_is_always_right_and_the_others_are_not(splits):
     assert 0.35 < wrong["arith", "direct"] / n["arith"] < 0.65   # a guess at a multi-step sum
     assert 0.2 < wrong["arith", "recall-then-generate"] / n["arith"] < 0.4
     assert 0.1 < wrong["compare", "step-by-step"] / n["compare"] < 0.3
-    assert tasks.teacher(splits["train"][0].question, "direct") == tasks.teacher(splits["train"][0].question, "direct")
+    assert servers.teacher(splits["train"][0].question, "direct") == servers.teacher(splits["train"][0].question, "direct")
 
 
 def test_explanations_under_the_fitting_strategies_are_valid(splits):
     """Every running-total line is true and continues the previous one; every recalled line is a stated fact."""
     for p in splits["train"] + splits["arith-hard"] + splits["compare-hard"]:
-        text = tasks.teacher(p.question, tasks.FITS[p.kind])
+        text = servers.teacher(p.question, tasks.FITS[p.kind])
         assert text.startswith(tasks.OPENINGS[p.kind])
         if p.kind == "arith":
             lines = re.findall(r"^(\d+) ([+-]) (\d+) = (\d+)$", text, re.M)
@@ -94,7 +95,7 @@ def test_held_out_splits_are_disjoint_harder_and_fixed_by_the_seed(splits):
         seen = max(p.size for p in splits["train"] if p.kind == kind)
         assert min(p.size for p in splits[f"{kind}-hard"]) > seen
     assert {p.question for p in splits["easy-seen"]} <= train
-    a, b, c = (tasks.make_splits(seed, 50, 10)["train"] for seed in (1234, 1234, 7))
+    a, b, c = (repro.make_splits(seed, 50, 10)["train"] for seed in (1234, 1234, 7))
     assert [p.question for p in a] == [p.question for p in b] != [p.question for p in c]
 
 

@@ -21,6 +21,7 @@ import servers
 import data
 import formats
 import synth
+import repro
 import tasks
 from cli import UserError
 from conftest import ROOT, SHARED_DATA
@@ -76,7 +77,7 @@ def write_jsonl(path: Path, rows: list) -> str:
 def task_files(tmp_path_factory) -> str:
     """mini.jsonl (question/answer layout, task = kind) and flan.parquet (FLAN layout, task_name flan-compare)."""
     folder = tmp_path_factory.mktemp("tasks")
-    train, taken = tasks.make_splits(1, 400, 1)["train"], Counter()
+    train, taken = repro.make_splits(1, 400, 1)["train"], Counter()
     qa, flan = [], []
     for p in train:
         taken[p.kind] += 1
@@ -111,7 +112,7 @@ def samples(files: str, select_n: int = 4) -> dict[str, list]:
 
 
 def right(question: str, strategy: str) -> bool:
-    return tasks.teacher(question, strategy).endswith(f"Answer: {tasks.solve(question).answer}")
+    return servers.teacher(question, strategy).endswith(f"Answer: {tasks.solve(question).answer}")
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +158,7 @@ def test_every_item_once_in_file_order_with_exact_files_and_counts(clean_run, ta
     for r, it in zip(rows, (it for it in items if it.id not in lost)):
         s = chosen[it.group]["strategy"]
         assert list(r) == COLUMNS
-        assert r == dict(system_prompt=STRATEGIES[s], question=it.question, response=tasks.teacher(it.question, s),
+        assert r == dict(system_prompt=STRATEGIES[s], question=it.question, response=servers.teacher(it.question, s),
                          id=it.id, task=it.group, strategy=s, teacher="mini", correct=True)
     rejected = read_jsonl(out / "rejected.jsonl")
     assert [(r["id"], r["reason"]) for r in rejected] == [(victims["arith"].id, "truncated"),
@@ -168,7 +169,7 @@ def test_every_item_once_in_file_order_with_exact_files_and_counts(clean_run, ta
     assert {(r["id"], r["strategy"]) for r in selection} == expected and len(selection) == 16 * 2
     question = {it.id: it.question for it in items}
     for r in selection:
-        assert r["by"] == "teacher" and r["response"] == tasks.teacher(question[r["id"]], r["strategy"])
+        assert r["by"] == "teacher" and r["response"] == servers.teacher(question[r["id"]], r["strategy"])
         assert r["correct"] == right(question[r["id"]], r["strategy"])
     assert (out / "failures.jsonl").read_text() == ""
     # 16 selection items x 3 strategies, then the 37 other items; the 16 under the winner come from the cache
