@@ -50,8 +50,7 @@ class DataConfig:
     skip_bad_lines: bool = False   # skip malformed records (JSONL lines, parquet rows; counted) instead of stopping
     seed: int = 0                  # seeds the mixture sampling of sources with weight != 1 (and train.py's init/order)
     num_workers: int = 0           # tokenizer processes (per node under torchrun); 0 = one per available CPU core
-    cache_dir: str = "cache"       # memory-mapped tokens and packs, keyed by inputs, settings and code; under
-                                   # torchrun it must be on a filesystem every node sees
+    cache_dir: str = "cache"       # tokens and packs, keyed by inputs, settings and code; on a filesystem all nodes see
 
 
 # ---- rendering: conversations, orca2's template, prompt erasing ----
@@ -386,6 +385,10 @@ CODE_PACKS = (mixture_indices, pack_best_fit, make_packs)
 
 def plan_stage(sources: list[Source], tok: Tokenizer, cfg: DataConfig, log=print) -> dict:
     """Every cache folder of a stage (file hashes, formats, code): computed once, broadcast to the ranks."""
+    try:  # an unusable cache folder is the user's to fix, before any work is done
+        Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--cache_dir {cfg.cache_dir}: cannot create it ({e.strerror})") from None
     if not sources:
         raise UserError("a stage needs at least one data source")
     plans = [plan_source(s, tok, cfg, log) for s in sources]
@@ -430,27 +433,29 @@ def build_stage(sources: list[Source], tok: Tokenizer, cfg: DataConfig, log: Cal
 
 
 def get_batch(packed: PackedDataset, pack_indices: list[int], seq_len: int, pad_id: int) -> dict:
-    """(B, T) long tensors input_ids, labels (already shifted, see the module docstring), position_ids; plus
-    num_tokens and num_supervised (ints). Every padding token is a document of its own (position 0): it attends to
-    itself only, costs no attention, never lengthens a document past the model's context, and its label is -100."""
+    """(B, T) long tensors input_ids, labels (shifted, see the module docstring), position_ids, T the fullest row (at
+    most seq_len); num_tokens, num_supervised. Padding is cut into documents no longer than the row's longest: they
+    attend to no real token, fit the model's context wherever the data does, and their labels are -100."""
     import torch  # here only: `python data.py` needs no torch
     B, T = len(pack_indices), seq_len
     input_ids = np.full((B, T), pad_id, np.int64)
     labels = np.full((B, T), -100, np.int64)
     position_ids = np.zeros((B, T), np.int64)
-    arange, num_tokens = np.arange(T), 0
+    arange, num_tokens, width = np.arange(T), 0, 1
     for b, p in enumerate(pack_indices):
-        t = 0
+        t, longest = 0, 1
         for ids, sup in packed.documents(p):
             n = len(ids)
             assert t + n <= T, f"pack {p} holds more than seq_len={T} tokens"
             input_ids[b, t:t + n] = ids
             labels[b, t:t + n - 1] = np.where(sup[1:] != 0, ids[1:].astype(np.int64), -100)  # widen uint16 ids first
             position_ids[b, t:t + n] = arange[:n]
-            t += n
-        num_tokens += t  # the padding tail keeps position 0 everywhere
-    return dict(input_ids=torch.from_numpy(input_ids), labels=torch.from_numpy(labels), num_tokens=num_tokens,
-                position_ids=torch.from_numpy(position_ids), num_supervised=int((labels != -100).sum()))
+            t, longest = t + n, max(longest, n)
+        position_ids[b, t:] = arange[:T - t] % longest
+        num_tokens, width = num_tokens + t, max(width, t)
+    return dict(input_ids=torch.from_numpy(input_ids[:, :width]), labels=torch.from_numpy(labels[:, :width]),
+                position_ids=torch.from_numpy(position_ids[:, :width]), num_tokens=num_tokens,
+                num_supervised=int((labels != -100).sum()))
 
 
 def epoch_order(num_packs: int, epoch: int, seed: int) -> np.ndarray:
@@ -503,10 +508,6 @@ def main(cfg: ShowConfig) -> None:
     source = Source(path.stem, str(path), erase=cfg.erase, system=forced)
     tok = Tokenizer.from_pretrained(cfg.tokenizer)
     fmt, _ = detect_file_format(path)
-    try:  # an unusable cache folder is the user's to fix, before any work is done
-        Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--cache_dir {cfg.cache_dir}: cannot create it ({e.strerror})") from None
     conv = override_system(first_example(path, fmt, cfg.skip_bad_lines), source_system(source))
     ids, sup, _ = tok.encode_docs([render_segments(conv)])
     print(f"==== first example of {path} (format {fmt}); supervised text inside ⟦ ⟧ ====")

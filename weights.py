@@ -15,8 +15,7 @@ import torch
 
 from cli import UserError
 
-WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",  # in order of preference
-                "pytorch_model.bin.index.json", "pytorch_model.bin")
+WEIGHT_FILES = "model.safetensors.index.json model.safetensors pytorch_model.bin.index.json pytorch_model.bin".split()
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "generation_config.json")
 
@@ -46,7 +45,7 @@ def read_shard(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def iter_folder(path: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
     """Every tensor of a checkpoint folder with the shard it came from, checking the index as it goes."""
-    found = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
+    found = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)  # safetensors before .bin
     if found is None:
         raise UserError(f"{path} holds no weights: expected one of {', '.join(WEIGHT_FILES)}")
     weight_map = json.loads(found.read_text())["weight_map"] if found.suffix == ".json" else None
