@@ -444,7 +444,7 @@ def test_help_text_shows_types_defaults_comments_and_inherited_fields():
     # inherited from data.DataConfig: its comment, and TrainConfig's own default where it sets one
     assert entry("skip_bad_lines") == ("(bool, default false)", cli.field_comments(data.DataConfig)["skip_bad_lines"])
     assert entry("max_len")[0] == "(int, default 1024)" and data.DataConfig().max_len == 4096
-    assert entry("cache_dir")[1].endswith("every node sees")  # a comment continued on the next line
+    assert entry("cache_dir")[1].endswith("on a filesystem all nodes see")
     assert entry("stages")[1].endswith("empty = one stage on `data`")  # a comment continued on the next line
     assert entry("beta1")[1].startswith("optimizer (ORCA2.md 5.4")  # a heading above a field without a comment
     assert "precision and speed" not in entry("grad_clip")[1]  # a heading is not the previous field's comment

@@ -289,15 +289,18 @@ def test_batches_never_predict_the_next_documents_first_token(tok, tmp_path):
     packed, stats = data.build_stage([Source("s", path)], tok, c, log=None)
     batch = data.get_batch(packed, list(range(len(packed))), 1100, tok.pad_id)
     ids, labels, pos = batch["input_ids"], batch["labels"], batch["position_ids"]
-    assert ids.shape == labels.shape == pos.shape == (len(packed), 1100)
+    width = max(sum(len(d) for d, _ in packed.documents(p)) for p in range(len(packed)))  # the fullest row
+    assert ids.shape == labels.shape == pos.shape == (len(packed), width) and width <= 1024
     starts = pos[:, 1:] == 0  # the token after position t begins a document (or the padding)
     assert (labels[:, :-1][starts] == -100).all() and (labels[:, -1] == -100).all()
     has = labels[:, :-1] != -100
     assert (labels[:, :-1][has] == ids[:, 1:][has]).all()  # shifted: the label is the next token
     assert batch["num_supervised"] == stats["supervised_tokens"] and batch["num_tokens"] == stats["tokens"]
-    for row_ids, row_pos in zip(ids, pos):  # every padding token is a document of its own: position 0
+    for row_ids, row_pos in zip(ids, pos):  # the padding: documents no longer than the row's longest
         n_real = int((row_ids != tok.pad_id).sum())
-        assert (row_ids[n_real:] == tok.pad_id).all() and (row_pos[n_real:] == 0).all()
+        longest = int(row_pos[:n_real].max()) + 1
+        assert (row_ids[n_real:] == tok.pad_id).all()
+        assert row_pos[n_real:].tolist() == [k % longest for k in range(width - n_real)]
     assert int((ids != tok.pad_id).sum()) == stats["tokens"] and (labels[ids == tok.pad_id] == -100).all()
     # every document starts with BOS at position 0, and each of the 60 examples is in exactly one row
     assert int(((pos == 0) & (ids == tok.bos_id)).sum()) == 60

@@ -31,7 +31,8 @@ def write_jsonl(path, records) -> str:
 
 
 def run(tmp_path, train: list[str], benchmarks: str = "gsm8k,crass,race", **kw) -> dict:
-    cfg = dc.DecontaminateConfig(**{"train": ",".join(train), "benchmarks": benchmarks, "out": str(tmp_path / "report.json"),
+    cfg = dc.DecontaminateConfig(**{"train": ",".join(train), "benchmarks": benchmarks,
+                                    "out": str(tmp_path / "report.json"),
                                     "data_dir": str(BENCHMARKS), "num_workers": 1, **kw})
     rep = dc.report(cfg, log=lambda _: None)
     assert json.loads((tmp_path / "report.json").read_text()) == rep

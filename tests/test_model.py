@@ -178,8 +178,8 @@ def test_generate_stops_per_row_and_returns_only_new_tokens():
 
 def test_sampling_is_reproducible_with_a_generator():
     model = tiny_model()
-    a = model.generate([[1, 2, 3]], 12, stop_ids=(), temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(3))
-    b = model.generate([[1, 2, 3]], 12, stop_ids=(), temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    a, b = (model.generate([[1, 2, 3]], 12, stop_ids=(), temperature=0.8, top_p=0.9,
+                           generator=torch.Generator().manual_seed(3)) for _ in range(2))
     assert a == b
 
 
@@ -217,7 +217,9 @@ def test_broken_checkpoints_name_the_file_and_key(tmp_path):
     d = broken_copy(tmp_path / "b")
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=100)))
-    with pytest.raises(ValueError, match=r"model-0000\d-of-00004.safetensors: model.layers.0.mlp.\w+_proj.weight has shape .*172.*config.json implies .*100"):
+    shape = (r"model-0000\d-of-00004.safetensors: model.layers.0.mlp.\w+_proj.weight has shape .*172"
+             r".*config.json implies .*100")
+    with pytest.raises(ValueError, match=shape):
         Transformer.from_pretrained(d)
 
     d = broken_copy(tmp_path / "c")

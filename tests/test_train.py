@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,31 +46,37 @@ def setup(tmp_path_factory):
     return root
 
 
-def args_for(setup, out, **over):
+def args_for(setup, out, **over) -> dict:
+    """A run's options: TrainConfig fields, for train.main in-process or `--key=value` on a command line."""
     opts = dict(model=setup / "base", tokenizer=TOK512, data=setup / "data.jsonl", max_len=256, global_batch=4,
                 micro_batch=1, epochs=2, max_steps=6, lr=3e-3, export_dtype="float32", num_workers=1,
                 cache_dir=setup / "cache", out_dir=out, prompt="the cat", max_new_tokens=4)
     opts.update(over)
+    return {k: str(v) if isinstance(v, Path) else v for k, v in opts.items()}
+
+
+def argv_of(opts: dict) -> list[str]:
     return [f"--{k}={v}" for k, v in opts.items()]
 
 
-def command(argv, nproc=0):
+def command(opts: dict, nproc=0):
     """`python train.py ...` (nproc=0) or torchrun with nproc processes on one node."""
     if nproc == 0:
-        return [sys.executable, "train.py", *argv]
+        return [sys.executable, "train.py", *argv_of(opts)]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return launcher + ["train.py", *argv]
+    return launcher + ["train.py", *argv_of(opts)]
 
 
-def run(argv, nproc=0, extra_env=None, nnodes=0) -> str:
-    """Run train.py in-process (nproc=0) or under torchrun with nproc processes on gloo; torchrun's output."""
+def run(opts: dict, nproc=0, extra_env=None, nnodes=0) -> str:
+    """Run train.main(TrainConfig) in-process (nproc=0) or torchrun with nproc processes on gloo; torchrun's output."""
     if nproc == 0:
         import train
-        train.main(cli.parse(train.TrainConfig, argv))
+        train.main(train.TrainConfig(**opts))
         return ""
+    argv = argv_of(opts)
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", **(extra_env or {}))
-    cmds = [command(argv, nproc)]
+    cmds = [command(opts, nproc)]
     if nnodes:  # several launchers on 127.0.0.1, one per "node", meeting at a c10d rendezvous
         cmds = [[sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
                  "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test", "train.py", *argv]
@@ -89,10 +96,10 @@ def save_log(pid: int, text: str):
     (ROOT / "out" / f"failed-run-{pid}.log").write_text(text)
 
 
-def start(argv, nproc, log):
+def start(opts: dict, nproc, log):
     """train.py in the background, its output to the file `log`."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen(command(argv, nproc), cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(command(opts, nproc), cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
 def wait_until(condition, proc, what, timeout=120):
@@ -227,8 +234,8 @@ def test_a_dead_rank_ends_the_job_with_a_clear_message(setup):
     import signal
     import time
     out = setup / "dead"
-    argv = args_for(setup, out, max_steps=10_000, epochs=10_000, timeout_s=60)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *argv]
+    opts = args_for(setup, out, max_steps=10_000, epochs=10_000, timeout_s=60)
+    cmd = command(opts, nproc=2)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
@@ -313,9 +320,9 @@ def long_reference(setup):
 
 def preempt_and_resume(setup, out, nproc, sig=signal.SIGTERM) -> str:
     """Start the run, signal it (torchrun forwards) once metrics.jsonl has 3 lines, rerun the same command."""
-    argv = args_for(setup, out, epochs=10, max_steps=80)
+    opts = args_for(setup, out, epochs=10, max_steps=80)
     log = setup / f"{out.name}.log"
-    proc = start(argv, nproc, log)
+    proc = start(opts, nproc, log)
     wait_until(lambda: (out / "metrics.jsonl").exists() and len(losses(out)) >= 3, proc, "3 training steps")
     proc.send_signal(sig)
     code = proc.wait(timeout=120)
@@ -327,7 +334,7 @@ def preempt_and_resume(setup, out, nproc, sig=signal.SIGTERM) -> str:
         assert f"[rank {rank}] preempted: checkpoint at step {done} written, exiting with code 75" in output, output
     assert 3 <= done < 80 and (out / "checkpoints" / f"ckpt-{done:08d}" / "train_state.json").is_file()
     assert not (out / "export" / "final").exists()
-    again = start(argv, nproc, log.with_suffix(".rerun.log"))  # the same command again
+    again = start(opts, nproc, log.with_suffix(".rerun.log"))  # the same command again
     assert again.wait(timeout=300) == 0, log.with_suffix(".rerun.log").read_text()[-3000:]
     return output
 
@@ -380,7 +387,7 @@ def data_args(setup, big_data, cache, out):
 def two_rank_prep(setup, big_data):
     """2 ranks with a 5 s collective timeout: each tokenizes half the parts, rank 0 merges, rank 1 polls for it."""
     cache = setup / "cache-2ranks"
-    output = run(data_args(setup, big_data, cache, setup / "prep-2ranks") + ["--timeout_s=5"], nproc=2)
+    output = run(data_args(setup, big_data, cache, setup / "prep-2ranks") | {"timeout_s": 5}, nproc=2)
     return cache, output
 
 
@@ -405,8 +412,8 @@ def test_sigterm_during_data_preparation_keeps_the_cache_usable(setup, big_data,
     then finishes the cache from the parts kept, byte-identical to the 2-rank build; temporary folders of killed
     runs are removed."""
     cache, out = setup / "cache-1process", setup / "prep-1process"
-    argv = data_args(setup, big_data, cache, out)
-    proc = start(argv, 0, setup / "prep-1process.log")
+    opts = data_args(setup, big_data, cache, out)
+    proc = start(opts, 0, setup / "prep-1process.log")
     wait_until(lambda: any(cache.glob("*.parts/*.npz")), proc, "the first finished part")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 75
@@ -419,7 +426,7 @@ def test_sigterm_during_data_preparation_keeps_the_cache_usable(setup, big_data,
     for folder in stale:
         folder.mkdir()
     (tokens.with_name(tokens.name + ".parts") / "0-1.npz.tmp99999.npz").write_bytes(b"half a part")
-    proc = start(argv, 0, setup / "prep-1process-again.log")
+    proc = start(opts, 0, setup / "prep-1process-again.log")
     assert proc.wait(timeout=300) == 0, (setup / "prep-1process-again.log").read_text()[-3000:]
     assert not any(p.exists() for p in stale) and not list(cache.glob("*.parts"))
     files = same_tree(two_rank_prep[0], cache)
