@@ -3,7 +3,7 @@
     python repro.py                          # 3 arms x 2 seeds -> out/repro/results.md, results.json, predictions.jsonl
     python repro.py --seeds=0,1,2 --out_dir=out/repro3
     python repro.py --quick=true             # a smoke run of the whole pipeline (~1 min; numbers mean nothing)
-    python repro.py --threads=1              # when other jobs share the CPU (2 threads on 2 busy cores thrash)
+    python repro.py --jobs=1 --threads=1     # when other jobs share the CPU (2 threads on 2 busy cores thrash)
 
 The paper (ORCA2.md sections 1-3) says a small student taught *how* to solve problems (several strategies, each on
 the task type it suits), with the teacher's strategy instruction erased from its prompt, beats a student that copies
@@ -25,8 +25,11 @@ Three arms, trained on the same problems (only the system message and the respon
 Every student is tested with the generic message only (no strategy instruction, no examples: zero-shot).
 """
 
+import contextlib
 import dataclasses
 import json
+import multiprocessing
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -61,7 +64,7 @@ class ReproConfig:
     strategies: str = "direct,step-by-step,recall-then-generate"  # synth.py's candidates, in tie-break order
     select_n: int = 20             # problems per task type answered under every candidate during selection
     # training (train.py), from stories260K
-    max_len: int = 1024            # packed row length; an example is ~300 tokens
+    max_len: int = 1024            # packed row length; an example is ~250-400 tokens
     global_batch: int = 2          # packed rows per optimizer step (~7 problems)
     micro_batch: int = 2
     epochs: int = 2
@@ -71,8 +74,11 @@ class ReproConfig:
     oracle: bool = True            # also test the kept arm WITH the teacher's instruction (not zero-shot; a reference)
     max_new_tokens: int = 160      # enough for the longest explanation of the hardest split (135 tokens)
     eval_batch: int = 100          # prompts decoded together (greedy)
-    threads: int = 0               # torch CPU threads; 0 = torch's default (one per core). Use 1 when other jobs
-                                   # share the cores: 2 threads on 2 busy cores ran 20x slower, 1 thread 1.8x
+    jobs: int = 0                  # students trained at once, each in its own process; 0 = one per CPU core. A
+                                   # model this small uses cores better side by side (here 2 x 1 thread gave 1.38x
+                                   # the throughput of 1 x 2 threads)
+    threads: int = 0               # torch threads per student; 0 = cores / jobs. Use --jobs=1 --threads=1 when other
+                                   # jobs share the cores: 2 threads on 2 busy cores ran 20x slower, 1 thread 1.8x
 
 
 ARMS = {"direct": True, "kept": False, "erased": True}  # arm -> erase the system message when training
@@ -140,7 +146,7 @@ def train_student(cfg: ReproConfig, arm: str, seed: int, data_file: Path, work: 
              "sources": [{"name": arm, "path": str(data_file), "erase": ARMS[arm]}]}
     train.main(train.TrainConfig(stages=[stage], max_len=cfg.max_len, global_batch=cfg.global_batch,
                                  micro_batch=cfg.micro_batch, seed=seed, out_dir=str(out), resume=False,
-                                 cache_dir=str(work / "cache"), num_workers=1, export_dtype="float32",
+                                 cache_dir=str(out / "cache"), num_workers=1, export_dtype="float32",
                                  prompt=tasks.EXAMPLE_PROMPT, max_new_tokens=cfg.max_new_tokens))
     return out / "export" / "final"
 
@@ -172,6 +178,35 @@ def evaluate_student(cfg: ReproConfig, folder: Path, splits: dict, system_of) ->
     return results
 
 
+def student(cfg, arm, seed, data_file, work, tests, selected, threads, to_log) -> tuple:
+    """Train and test one student (in a worker process when students run in parallel, its output to a log)."""
+    torch.set_num_threads(threads)
+    with contextlib.ExitStack() as stack:
+        if to_log:
+            log = stack.enter_context(open(work / f"{arm}-seed{seed}.log", "w"))
+            stack.enter_context(contextlib.redirect_stdout(log))
+            stack.enter_context(contextlib.redirect_stderr(log))
+        t = time.time()
+        folder = train_student(cfg, arm, seed, data_file, work)
+        t_train = time.time() - t
+        # Zero-shot: every student gets the same generic message, never the strategy instruction.
+        res = evaluate_student(cfg, folder, tests, lambda p: orca2.SYSTEM_MESSAGES[cfg.eval_system])
+        rows = [(arm, str(seed), res)]
+        if arm == "kept" and cfg.oracle:  # a reference only: the instruction is a hint the user would not give
+            instruction = lambda p: orca2.STRATEGIES[selected[p.kind]["strategy"]]  # noqa: E731
+            rows.append(("kept, instruction at test", str(seed), evaluate_student(cfg, folder, tests, instruction)))
+        t_eval = time.time() - t - t_train
+    line = (f"[repro] {arm} seed {seed}: " + ", ".join(f"{k} {100 * v['acc']:.0f}%" for k, v in res.items())
+            + f" (train {t_train:.0f}s, eval {t_eval:.0f}s)")
+    if not to_log:
+        print(line)
+    return arm, seed, line, rows, {"train_s": round(t_train, 1), "eval_s": round(t_eval, 1)}
+
+
+def student_star(args: tuple) -> tuple:
+    return student(*args)
+
+
 # ---- the tables ----
 
 
@@ -199,8 +234,6 @@ def main(cfg: ReproConfig) -> dict:
     cfg = check_config(cfg)
     t0 = time.time()
     seeds, arms = [int(x) for x in cfg.seeds.split(",")], cfg.arms.split(",")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     print(f"repro config: {json.dumps(dataclasses.asdict(cfg))}")
     work = Path(cfg.out_dir)
     splits = make_splits(cfg.data_seed, cfg.n_train, cfg.n_test)
@@ -212,23 +245,24 @@ def main(cfg: ReproConfig) -> dict:
     picked = "; ".join(f"{task}: {s['strategy']} (" + ", ".join(f"{k} {100 * v:.0f}%" for k, v in s["scores"].items())
                        + ")" for task, s in selected.items())
     print(f"strategies selected by synth.py (teacher accuracy per candidate): {picked}")
-    generic = orca2.SYSTEM_MESSAGES[cfg.eval_system]
-    rows, timings = [], {}
-    for seed in seeds:
-        for arm in arms:
-            t = time.time()
-            folder = train_student(cfg, arm, seed, files[arm], work)
-            t_train = time.time() - t
-            # Zero-shot: every student gets the same generic message, never the strategy instruction.
-            res = evaluate_student(cfg, folder, tests, lambda p: generic)
-            rows.append((arm, str(seed), res))
-            if arm == "kept" and cfg.oracle:  # a reference only: the instruction is a hint the user would not give
-                instruction = lambda p: orca2.STRATEGIES[selected[p.kind]["strategy"]]  # noqa: E731
-                rows.append(("kept, instruction at test", str(seed), evaluate_student(cfg, folder, tests, instruction)))
-            t_eval = time.time() - t - t_train
-            timings[f"{arm}-seed{seed}"] = {"train_s": round(t_train, 1), "eval_s": round(t_eval, 1)}
-            print(f"[repro] {arm} seed {seed}: " + ", ".join(f"{k} {100 * v['acc']:.0f}%" for k, v in res.items())
-                  + f" (train {t_train:.0f}s, eval {t_eval:.0f}s)")
+    # Longest arms first, so that parallel workers finish together; each student's log is {arm}-seed{seed}.log.
+    order = [(arm, seed) for arm in sorted(arms, key=["kept", "erased", "direct"].index) for seed in seeds]
+    cores = len(os.sched_getaffinity(0))
+    jobs = min(cfg.jobs or cores, len(order))
+    threads = cfg.threads or max(1, cores // jobs)
+    args = [(cfg, arm, seed, files[arm], work, tests, selected, threads, jobs > 1) for arm, seed in order]
+    if jobs == 1:
+        done = [student(*a) for a in args]
+    else:
+        print(f"training {len(order)} students, {jobs} at a time with {threads} thread(s) each; logs in {work}/")
+        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+            done = []
+            for d in pool.imap_unordered(student_star, args):
+                print(d[2], flush=True)
+                done.append(d)
+    done.sort(key=lambda d: (seeds.index(d[1]), arms.index(d[0])))
+    rows = [row for d in done for row in d[3]]
+    timings = {f"{d[0]}-seed{d[1]}": d[4] for d in done}
     wall = time.time() - t0
     names = list(tests)
     text = (f"## Exact-match accuracy (%), zero-shot\n\n{markdown_table(rows, names)}\n"

@@ -137,3 +137,16 @@ def test_stories260k_loads_as_llama2c_decodes_it():
         logits = model(torch.tensor([golden["logits_prefix_token_ids"]]))[0].double()
     assert out == golden["greedy_token_ids_including_bos"][1:25]
     assert torch.allclose(logits, torch.tensor(golden["logits_prefix"], dtype=torch.float64), atol=1e-4)
+
+
+def test_students_trained_side_by_side_equal_students_trained_one_after_the_other(tmp_path):
+    """--jobs=2 trains each student in its own process with its own log; the results are those of --jobs=1."""
+    small = dict(n_train=60, n_test=4, epochs=1, seeds="0", arms="direct,erased", threads=1, oracle=False)
+    a = repro.main(repro.ReproConfig(**small, jobs=1, out_dir=str(tmp_path / "a")))
+    b = repro.main(repro.ReproConfig(**small, jobs=2, out_dir=str(tmp_path / "b")))
+    assert [(r["arm"], r["seed"]) for r in b["rows"]] == [("direct", "0"), ("erased", "0")]
+    assert a["rows"] == b["rows"]
+    pa, pb = ((tmp_path / d / "predictions.jsonl").read_text() for d in "ab")
+    n = sum(len(v) for k, v in repro.make_splits(1234, 60, 4).items() if k != "train")
+    assert pa == pb and len(pa.splitlines()) == 2 * n  # every student's output for every held-out problem
+    assert "[data] erased:" in (tmp_path / "b" / "erased-seed0.log").read_text()
