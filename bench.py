@@ -508,7 +508,8 @@ def markdown(rows: list[dict], load: tuple[float, float]) -> str:
             continue
         out += [f"**{title}**\n", "| case | " + " | ".join(c[0] for c in cols) + " |",
                 "| --- |" + " ---: |" * len(cols)]
-        out += ["| " + r["case"] + " | " + " | ".join(format(r[k], f) for _, k, f in cols) + " |" for r in mine]
+        cell = lambda v, f: "–" if v != v else format(v, f)  # noqa: E731  (NaN = not measured in this case)
+        out += ["| " + r["case"] + " | " + " | ".join(cell(r[k], f) for _, k, f in cols) + " |" for r in mine]
         out.append("")
     return "\n".join(out)
 
