@@ -66,8 +66,8 @@ class ReproConfig:
     # training (train.py), from stories260K
     max_len: int = 1024            # packed row length; an example is ~250-400 tokens
     global_batch: int = 2          # packed rows per optimizer step (~7 problems)
-    micro_batch: int = 2
-    epochs: int = 2
+    micro_batch: int = 2           # rows per forward pass (= global_batch: no accumulation)
+    epochs: int = 2                # passes over the training problems
     lr: float = 5e-3               # peak; warmup 3% then cosine to 10% (train.py's schedule)
     # evaluation
     eval_system: str = "cautious"  # key of orca2.SYSTEM_MESSAGES used at test time ("cautious" = the erased message)
