@@ -38,8 +38,7 @@ INSTRUCTIONS = {
     "dyck": 'End your response with "Answer:" followed by the closing brackets, separated by spaces.',
     "words": 'End your response with "Answer:" followed by the sorted words, separated by spaces.',
     "drop": 'Answer the question using the passage. End your response with "Answer:" followed by the answer: '
-            'a number, a date, or words from the passage (join several answers with "and").',
-}
+            'a number, a date, or words from the passage (join several answers with "and").'}
 LETTERS = "ABCDEFGHIJKLMNOPQR"  # up to (R): reasoning_about_colored_objects
 
 

@@ -54,7 +54,7 @@ KINDS = {"int": "an integer", "float": "a number", "str": "a string", "list": "a
 def convert(key: str, value, t, where: str):
     """A command-line string or a JSON value as the field's type; UserError when it is not one."""
     base = getattr(t, "__origin__", t)  # list[str] -> list
-    if isinstance(value, str) and base is not str:
+    if isinstance(value, str) and not isinstance(value, base):  # a string field (also str | None) takes it as it is
         text = value.strip().lower()
         if base is bool:
             if text not in ("true", "false", "1", "0", "yes", "no"):
@@ -62,7 +62,7 @@ def convert(key: str, value, t, where: str):
             return text in ("true", "1", "yes")
         try:
             value = json.loads(value) if base in (list, dict) else base(value)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than the parser goes
             raise UserError(f"{where}: {key} takes {KINDS[type_name(base)]}, got {value!r}") from None
     if base is float and type(value) is int:  # JSON's 2 for a float field
         value = float(value)
@@ -103,14 +103,14 @@ def parse(cls: type, argv: list[str], doc: str = "", positional: tuple[str, ...]
         if key != "config" and key not in types:
             raise UserError(f"unknown option --{key}; known options: {', '.join('--' + k for k in types)}")
         raw = raw if eq else next(args, None)
-        if raw is None:
-            raise UserError(f"--{key} needs a value")
+        if raw is None or (not eq and raw.startswith("--")):
+            raise UserError(f"command line: --{key} needs a value (--{key}=VALUE or --{key} VALUE)")
         if key == "config":
             values.update(read_config_file(raw, types))
         else:
             values[key] = convert(f"--{key}", raw, types[key], "command line")
-    if free:
-        raise UserError(f"missing argument(s): {', '.join(free)} (see --help)")
+    if [name for name in free if name not in values]:  # a positional may also come as --name=VALUE
+        raise UserError(f"command line: missing argument(s): {', '.join(free)} (see --help)")
     return cls(**values)
 
 
@@ -119,14 +119,18 @@ def read_config_file(path: str, types: dict) -> dict:
         loaded = json.loads(Path(path).read_text())
     except OSError as e:
         raise UserError(f"--config {path}: cannot read it ({e.strerror})") from None
-    except ValueError as e:
-        raise UserError(f"--config {path}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser goes
+        raise UserError(f"--config {path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    return check_keys(loaded, types, path)
+
+
+def check_keys(loaded, types: dict, where: str) -> dict:
+    """A JSON object's values as the fields' types; UserError naming `where` for an unknown key or a wrong type."""
     if not isinstance(loaded, dict):
-        raise UserError(f"--config {path}: expected a JSON object of option: value")
-    for key in loaded:
-        if key not in types:
-            raise UserError(f"{path}: unknown key {key!r}; known keys: {', '.join(types)}")
-    return {k: convert(k, v, types[k], path) for k, v in loaded.items()}
+        raise UserError(f"{where}: expected a JSON object of key: value, got {str(loaded)[:80]}")
+    if unknown := [key for key in loaded if key not in types]:
+        raise UserError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(types)}")
+    return {k: convert(k, v, types[k], where) for k, v in loaded.items()}
 
 
 def run(main, cls: type, doc: str, argv: list[str] | None = None, positional: tuple[str, ...] = ()):

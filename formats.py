@@ -33,8 +33,7 @@ FORMATS = {  # name -> (the keys that identify it, what a record looks like), in
     "messages": ({"messages"}, '{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}'),
     "openorca": ({"question", "response"}, '{"system_prompt": ..., "question": ..., "response": ...} (OpenOrca)'),
     "flan": ({"inputs", "targets"}, '{"inputs": ..., "targets": ...} (FLAN; empty system message)'),
-    "qa": ({"question", "answer"}, '{"question": ..., "answer": ...} (GSM8K-style tasks; empty system message)'),
-}
+    "qa": ({"question", "answer"}, '{"question": ..., "answer": ...} (GSM8K-style tasks; empty system message)')}
 ROLES = dict(system="system", human="user", user="user", gpt="assistant", assistant="assistant", chatgpt="assistant")
 
 

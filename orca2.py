@@ -85,8 +85,7 @@ STRATEGIES = {  # name -> the system instruction; synth.py picks one per task gr
                        "condition of the task one by one, and when a condition fails, say which and propose a "
                        "better candidate; stop when every condition holds. " + ANSWER_LINE,
     "direct": "Answer directly, without explanation or working: write a single line \"Answer: \" followed by the "
-              "final answer alone: a number, an option letter, or a short phrase.",
-}
+              "final answer alone: a number, an option letter, or a short phrase."}
 
 # ---- progressive learning (ORCA2.md section 4) ----
 
@@ -112,12 +111,10 @@ class Stage:
 
 def paper_curriculum(flan: str, orca1_chatgpt: str, orca1_gpt4: str, orca2: str, lr: float = 2e-5) -> list[Stage]:
     """The three published stages, each starting from the previous one's weights."""
-    return [
-        Stage("flan", [Source("flan-v2", flan, system=EMPTY_SYSTEM_MESSAGE)], epochs=1, lr=lr),
-        Stage("orca1-chatgpt", [Source("orca1-chatgpt", orca1_chatgpt)], epochs=3, lr=lr),
-        Stage("orca1-gpt4+orca2", [Source("orca1-gpt4", orca1_gpt4), Source("orca2", orca2, erase=True)], epochs=4,
-              lr=lr),
-    ]
+    return [Stage("flan", [Source("flan-v2", flan, system=EMPTY_SYSTEM_MESSAGE)], epochs=1, lr=lr),
+            Stage("orca1-chatgpt", [Source("orca1-chatgpt", orca1_chatgpt)], epochs=3, lr=lr),
+            Stage("orca1-gpt4+orca2", [Source("orca1-gpt4", orca1_gpt4), Source("orca2", orca2, erase=True)],
+                  epochs=4, lr=lr)]
 
 
 # ---- the paper's results (ORCA2.md section 8, Table 1; zero-shot) ----
@@ -134,8 +131,7 @@ PAPER_TABLE = {  # model -> score (percent) per benchmark, in BENCHMARKS order, 
     "WizardLM-70B": (48.73, 51.08, 59.62, 86.13, 78.96, 73.24, 66.29),
     "Orca-1-13B": (45.69, 47.84, 53.63, 90.15, 81.76, 26.46, None),
     "ChatGPT": (53.13, 55.38, 64.39, 85.77, 67.87, 79.38, None),
-    "GPT-4": (70.40, 69.04, 71.59, 94.53, 83.08, 85.52, None),
-}
+    "GPT-4": (70.40, 69.04, 71.59, 94.53, 83.08, 85.52, None)}
 PAPER_RESULTS = {model: dict(zip((*BENCHMARKS, "avg"), row)) for model, row in PAPER_TABLE.items()}
 
 

@@ -1,6 +1,6 @@
 """Progressive Orca 2 training: one process on a CPU or GPU, or many under torchrun with FSDP2.
 
-    python train.py                                                  # the miniature demo (~2 min on 2 CPU cores)
+    python train.py                                                  # the miniature demo (~75 s on 2 CPU cores)
     python train.py --config=configs/orca2-7b.json --dry_run=true    # prepare every stage's data, print the plan
     torchrun --standalone --nproc_per_node=8 train.py --config=configs/orca2-7b.json
     sbatch configs/slurm-orca2-13b.sh                                # the paper's 4 x 8 A100s, preemptible
@@ -67,10 +67,10 @@ class TrainConfig(data.DataConfig):
     global_batch: int = 2          # packed rows per optimizer step, over all ranks
     micro_batch: int = 2           # rows per rank per forward
     # optimizer (ORCA2.md 5.4: not published; these are the project's defaults)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.0
+    beta1: float = 0.9             # AdamW's first-moment decay
+    beta2: float = 0.95            # AdamW's second-moment decay
+    eps: float = 1e-8              # AdamW's denominator term
+    weight_decay: float = 0.0      # AdamW's decoupled weight decay (0 = none)
     grad_clip: float = 1.0         # max global gradient norm (0 = off)
     # precision and speed
     dtype: str = "auto"            # compute dtype: bfloat16 or float32; "auto" = bf16 on GPU (master weights fp32)
@@ -102,13 +102,15 @@ def curriculum(cfg: TrainConfig, rank: int, group) -> list[orca2.Stage]:
             tasks.write_data(problems, Path(path))
         barrier(group)  # the others wait for it
         return [orca2.Stage("orca2", [orca2.Source("data", path, erase=True)], epochs=cfg.epochs, lr=cfg.lr)]
-    stages = []
-    for i, s in enumerate(cfg.stages):
+    stages, types = [], {c: {f.name: f.type for f in dataclasses.fields(c)} for c in (orca2.Stage, orca2.Source)}
+    for i, s in enumerate(cfg.stages):  # every key and type checked: "erase": "no" must not mean erase
+        s = cli.check_keys(s, types[orca2.Stage] | {"sources": list[dict]}, f"--stages[{i}]")
         try:
-            sources = [orca2.Source(**src) for src in s["sources"]]
+            sources = [orca2.Source(**cli.check_keys(src, types[orca2.Source], f"--stages[{i}].sources[{j}]"))
+                       for j, src in enumerate(s["sources"])]
             stages.append(orca2.Stage(**{**s, "sources": sources}))
         except (TypeError, KeyError) as e:
-            raise UserError(f"stages[{i}]: {e}; a stage is {{name, sources: [{{name, path, weight, erase, system}}], "
+            raise UserError(f"--stages[{i}]: {e}; a stage is {{name, sources: [{{name, path, weight, erase, system}}], "
                             "epochs, lr, warmup_ratio, min_lr_ratio}") from None
         for src in stages[-1].sources:  # fail before any work when a data file is missing
             if not Path(src.path).is_file():
@@ -383,11 +385,12 @@ def attention_pairs(batch: dict, pad_id: int) -> int:
 
 
 def main(cfg: TrainConfig):
-    if cfg.dtype not in ("auto", "bfloat16", "float32") or cfg.export_dtype not in ("bfloat16", "float32"):
-        raise UserError(f"dtype takes auto/bfloat16/float32, export_dtype bfloat16/float32: got {cfg.dtype!r}, "
-                        f"{cfg.export_dtype!r}")
-    if min(cfg.keep_last, cfg.global_batch, cfg.micro_batch, cfg.max_len) < 1:
-        raise UserError("keep_last, global_batch, micro_batch and max_len must be at least 1")
+    for key, ok in (("dtype", ("auto", "bfloat16", "float32")), ("export_dtype", ("bfloat16", "float32"))):
+        if getattr(cfg, key) not in ok:
+            raise UserError(f"--{key} takes {'/'.join(ok)}, got {getattr(cfg, key)!r}")
+    for key in ("keep_last", "global_batch", "micro_batch", "max_len", "epochs", "max_steps"):
+        if getattr(cfg, key) < (key != "max_steps"):
+            raise UserError(f"--{key} must be at least {int(key != 'max_steps')}, got {getattr(cfg, key)}")
     # DCP warns that one process has no process group: a supported case here, not a problem
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     previous = {}  # the caller's handlers, back at the end (main may be called from Python: tests, other commands)
@@ -412,6 +415,10 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, mesh, p
     out_dir = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed)
     print0(f"config: {json.dumps(dataclasses.asdict(cfg), indent=1)}")
+    found = checkpoint_dirs(out_dir)  # checked before any work, and before config.json is written again
+    if found and not cfg.resume:
+        raise UserError(f"{out_dir} holds checkpoints of an earlier run ({found[-1].name}); continue it with "
+                        "--resume=true, or start afresh in another --out_dir")
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
@@ -444,10 +451,6 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, mesh, p
     print0(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {model.args}; computing in {dtype}; "
            f"global batch {cfg.global_batch} = {cfg.micro_batch} rows x {world} rank(s) x {accum} accumulation steps")
     opt = make_optimizer(model, cfg)
-    found = checkpoint_dirs(out_dir)
-    if found and not cfg.resume:
-        raise UserError(f"{out_dir} holds checkpoints of an earlier run ({found[-1].name}); continue it with "
-                        "--resume=true, or start afresh in another --out_dir")
     state = {"stage": 0, "step": 0, "global_step": 0}
     if found:
         state = load_checkpoint(model, opt, found[-1])

@@ -164,6 +164,7 @@ def write_safetensors(tensors: Iterator[tuple[str, torch.Tensor]], path: Path, m
     n = len(shards)
     final = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for i, f in enumerate(final):
+        (path / f"part-{i:05d}.safetensors.tmp").chmod(0o644)  # safetensors writes 0600: others could not read it
         (path / f"part-{i:05d}.safetensors.tmp").rename(path / f)
     if n > 1:
         weight_map = {name: f for f, names in zip(final, shards) for name in names}

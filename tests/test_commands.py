@@ -23,6 +23,8 @@ import pytest
 
 import cli
 import data
+import orca2
+import train
 from conftest import ROOT
 from train import TrainConfig
 
@@ -98,7 +100,15 @@ OPTION_ERRORS = {  # name -> (command, what the line must say); {tmp} is a scrat
     "tokenizer not a model": ("data.py {tmp}/ok.jsonl --tokenizer={tmp}/ok.jsonl", r"not a SentencePiece model"),
     "cache dir is a file": ("data.py {tmp}/ok.jsonl --cache_dir={tmp}/ok.jsonl", r"--cache_dir .*cannot create it"),
     "checkpoint not one": ("model.py convert {tmp}/ok.jsonl {tmp}/out", r"ok.jsonl: not a llama2.c .*checkpoint"),
+    "negative max_steps": ("train.py --max_steps=-5 --out_dir={tmp}/neg", r"--max_steps must be at least 0, got -5"),
+    "stage value wrong type": ("train.py --config={tmp}/stage.json --out_dir={tmp}/st",
+                               r"--stages\[0\]\.sources\[0\]: weight takes a number, got 'x'"),
+    "stage unknown key": ("train.py --config={tmp}/stage2.json --out_dir={tmp}/st",
+                          r"--stages\[0\]: unknown key 'epoch'; known keys: name, sources, epochs"),
+    "deeply nested config": ("train.py --config={tmp}/deep.json", r"deep.json: not valid JSON \(RecursionError"),
+    "value swallowing an option": ("train.py --out_dir --resume=false", r"--out_dir needs a value"),
 }
+STAGE = {"name": "s", "epochs": 1, "lr": 0.001, "sources": [{"name": "a", "path": "ok.jsonl", "weight": "x"}]}
 OO = b'{"system_prompt": "s", "question": "What is 2+2?", "response": "4"}'
 MS = b'{"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]}'
 
@@ -107,7 +117,9 @@ MS = b'{"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assi
 def option_errors(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
     tmp = tmp_path_factory.mktemp("options")
     for name, text in (("unknown.json", '{"lr": 0.1, "nope": 1}'), ("bad.json", '{"max_len": 8,'),
-                       ("types.json", '{"max_len": "long"}'), ("ok.jsonl", OO.decode() + "\n")):
+                       ("types.json", '{"max_len": "long"}'), ("ok.jsonl", OO.decode() + "\n"),
+                       ("stage.json", json.dumps({"stages": [STAGE]})), ("deep.json", "[" * 100_000),
+                       ("stage2.json", json.dumps({"stages": [{**STAGE, "epoch": 1}]}))):
         (tmp / name).write_text(text)
     commands = [command.format(tmp=tmp).split() for command, _ in OPTION_ERRORS.values()]
     return dict(zip(OPTION_ERRORS, run_all(commands)))
@@ -424,6 +436,15 @@ def test_mistakes_say_what_to_do(argv, says):
         assert all(f"--{f.name}" in str(e.value) for f in dataclasses.fields(TrainConfig))
 
 
+def test_stage_values_take_their_types_and_a_positional_may_be_named():
+    stage = {"name": "s", "epochs": "1", "lr": 1, "sources": [{"name": "a", "path": "f", "erase": "no", "system": ""}]}
+    with pytest.raises(cli.UserError, match=r"data file f does not exist"):  # typed first, then the file is checked
+        train.curriculum(cli.parse(TrainConfig, ["--stages", json.dumps([stage])]), 0, None)
+    source = cli.check_keys(stage["sources"][0], {f.name: f.type for f in dataclasses.fields(orca2.Source)}, "here")
+    assert source["erase"] is False and source["system"] == ""  # "no" is false; "" stays a string (str | None)
+    assert cli.parse(data.ShowConfig, ["--file=x.jsonl"], positional=("file",)).file == "x.jsonl"
+
+
 def test_list_elements_are_checked():
     @dataclasses.dataclass
     class Files:
@@ -431,6 +452,13 @@ def test_list_elements_are_checked():
     assert cli.parse(Files, ['--train=["a.jsonl", "b.jsonl"]']).train == ["a.jsonl", "b.jsonl"]
     with pytest.raises(cli.UserError, match=r"--train takes a JSON list of str values"):
         cli.parse(Files, ['--train=["a.jsonl", 2]'])
+
+
+@dataclasses.dataclass
+class Headed:
+    a: int = 0  # its own comment
+    # a heading
+    b: int = 0
 
 
 def test_help_text_shows_types_defaults_comments_and_inherited_fields():
@@ -446,5 +474,6 @@ def test_help_text_shows_types_defaults_comments_and_inherited_fields():
     assert entry("max_len")[0] == "(int, default 1024)" and data.DataConfig().max_len == 4096
     assert entry("cache_dir")[1].endswith("on a filesystem all nodes see")
     assert entry("stages")[1].endswith("empty = one stage on `data`")  # a comment continued on the next line
-    assert entry("beta1")[1].startswith("optimizer (ORCA2.md 5.4")  # a heading above a field without a comment
+    assert entry("beta1")[1] == "AdamW's first-moment decay"
+    assert cli.field_comments(Headed)["b"] == "a heading"  # a heading above a field without a comment of its own
     assert "precision and speed" not in entry("grad_clip")[1]  # a heading is not the previous field's comment

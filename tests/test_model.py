@@ -58,6 +58,7 @@ def test_save_pretrained_round_trip_sharded_and_single(tmp_path):
         out = tmp_path / shard
         src.save_pretrained(out, max_shard_size=shard)
         assert (out / "model.safetensors.index.json").is_file() == (shard == "200KB")
+        assert {p.stat().st_mode & 0o777 for p in out.glob("*.safetensors")} == {0o644}  # others can read the weights
         back = Transformer.from_pretrained(out)
         assert back.args == src.args
         for (k, a), (k2, b) in zip(src.state_dict().items(), back.state_dict().items()):
