@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 import bench_data
 import cli
+from bench_data import timed
 from cli import UserError
 
 ROOT = Path(__file__).resolve().parent
@@ -80,17 +81,6 @@ def _child(fn, args, threads: int):
     out = fn(*args)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of fn over repeats calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def timed_pair(fa, fb, repeats: int) -> tuple[float, float]:

@@ -5,7 +5,8 @@ cold and cached). bench.py runs each case here in a fresh process and reports it
     python bench.py --only=packing,data,scale,load,client    # the sections built on these cases
     python bench_data.py                                  # one quick packing case, printed
 
-This module never imports bench.py (bench.py imports it); the cases return plain dicts.
+This module never imports bench.py (bench.py imports it); the cases return plain dicts. `timed` is the median
+timing both bench.py and bench_gpu.py use.
 """
 
 import contextlib
@@ -16,6 +17,7 @@ import os
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +28,17 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of fn over repeats calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def sample_documents(max_len: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], object]:

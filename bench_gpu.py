@@ -9,13 +9,13 @@ This module never imports bench.py (bench.py imports it).
 """
 
 import dataclasses
-import statistics
 import sys
 import time
 
 import torch
 
 import train
+from bench_data import timed
 from model import ModelArgs, Transformer
 
 PEAK_HBM_BYTES_S = {"A100-SXM4-80GB": 2.039e12, "A100-SXM4-40GB": 1.555e12, "A100 80GB PCIe": 1.935e12,
@@ -31,17 +31,6 @@ def random_model(args, device: str, dtype: torch.dtype):
         for name, p in model.named_parameters():
             p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
     return model
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of fn over repeats calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def sync(device: str):
