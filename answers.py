@@ -6,9 +6,9 @@
 import functools
 import re
 import string
-import sys
 from decimal import Decimal
 
+import cli
 from benchmarks import LETTERS, Item
 
 # ---- conclusions: where an output says its answer ----
@@ -203,7 +203,8 @@ def extract_label(text: str, labels: list[str]) -> tuple[str | None, int]:
             return labels[found[0][1]], found[0][0]
         return (None, -1) if found else None
     found = [(pos, v) for pos, v in meanings(text, 0, len(text)) if not hypothetical(text, pos)]
-    return first_read(text, read, (labels[found[-1][1]], found[-1][0]) if found else (None, -1))
+    hedged = len(found) > 1 and re.fullmatch(r"\w+\s+or\s+", text[found[-2][0]:found[-1][0]])  # "True or False"
+    return first_read(text, read, (labels[found[-1][1]], found[-1][0]) if found and not hedged else (None, -1))
 
 
 # ---- free-form answers: DROP, bracket and word sequences ----
@@ -322,10 +323,10 @@ def drop_metrics(prediction: str | None, golds: list[str]) -> tuple[float, float
     if prediction is None:
         return 0.0, 0.0
     em, f1 = 0.0, 0.0
-    pred = set(drop_normalize(prediction).split())
-    for gold in [g for g in golds if g.strip()]:  # blank golds are skipped, as the official does
-        em = max(em, float(drop_normalize(prediction) == drop_normalize(gold)))
-        bag = set(drop_normalize(gold).split())
+    pred = set((said := drop_normalize(prediction)).split())  # each string normalised once
+    for gold in [drop_normalize(g) for g in golds if g.strip()]:  # blank golds are skipped, as the official does
+        em = max(em, float(said == gold))
+        bag = set(gold.split())
         numbers = {w for w in bag if is_number(w)}  # a gold with numbers scores only if one of them is predicted
         if numbers and not numbers & pred:
             continue
@@ -347,8 +348,6 @@ def score_answer(item: Item, extracted: str | None) -> dict:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:  # --help, or anything but OUTPUT GOLD
-        print(__doc__)
-        raise SystemExit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
-    rule = answer_rule(sys.argv[2])
-    print(rule, *check_answer(sys.argv[1], sys.argv[2], rule))
+    output, gold = cli.demo_args(__doc__, 2)  # --help, or anything but OUTPUT GOLD, shows the docstring
+    rule = answer_rule(gold)
+    print(rule, *check_answer(output, gold, rule))

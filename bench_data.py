@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+import cli
+
 ROOT = Path(__file__).resolve().parent
 
 
@@ -378,8 +380,6 @@ def synth_case(base_url: str, n_items: int, concurrency: int) -> dict:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:]:
-        print(__doc__)
-        raise SystemExit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
+    cli.demo_args(__doc__)
     for row in packing_case(20_000)["rows"]:
         print(f"{row['name']}: best-fit decreasing {row['bfd_eff']:.2%}, sequential greedy {row['greedy_eff']:.2%}")

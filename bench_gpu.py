@@ -9,11 +9,11 @@ This module never imports bench.py (bench.py imports it).
 """
 
 import dataclasses
-import sys
 import time
 
 import torch
 
+import cli
 import train
 from bench_data import timed
 from model import ModelArgs, Transformer
@@ -144,9 +144,7 @@ def gpu_decode_case(preset: str, device: str, batch: int, prompt_len: int, new_t
 
 
 if __name__ == "__main__":
-    if sys.argv[1:]:
-        print(__doc__)
-        raise SystemExit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
+    cli.demo_args(__doc__)
     on_gpu = torch.cuda.is_available()
     preset, dev = ("llama2-7b", "cuda") if on_gpu else ("tiny", "cpu")
     print("train:", gpu_train_case(preset, dev, seq_len=4096 if on_gpu else 256, micro_batch=2, steps=2))

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cli
 from cli import UserError
 from orca2 import BENCHMARKS, SHARED_DATA
 
@@ -156,10 +157,7 @@ def load_benchmark(name: str, data_dir: str | Path = DEFAULT_DATA_DIR, limit: in
 
 
 if __name__ == "__main__":
-    import sys
-    if sys.argv[1:]:
-        print(__doc__)
-        raise SystemExit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
+    cli.demo_args(__doc__)
     for name in BENCHMARKS:
         items = load_benchmark(name)
         print(f"{name}: {len(items):,} items; first prompt:\n{items[0].prompt[:400]}\n")

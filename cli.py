@@ -115,13 +115,20 @@ def parse(cls: type, argv: list[str], doc: str = "", positional: tuple[str, ...]
 
 
 def read_config_file(path: str, types: dict) -> dict:
+    return check_keys(read_json(path, "--config "), types, path)
+
+
+def read_json(path: str | Path, where: str = "") -> dict:
+    """A JSON object from a file (config files, config.json, tokenizer files); UserError naming the file otherwise."""
     try:
         loaded = json.loads(Path(path).read_text())
     except OSError as e:
-        raise UserError(f"--config {path}: cannot read it ({e.strerror})") from None
+        raise UserError(f"{where}{path}: cannot read it ({e.strerror})") from None
     except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser goes
-        raise UserError(f"--config {path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
-    return check_keys(loaded, types, path)
+        raise UserError(f"{where}{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"{where}{path}: expected a JSON object, got {type(loaded).__name__}")
+    return loaded
 
 
 def check_keys(loaded, types: dict, where: str) -> dict:
@@ -131,6 +138,14 @@ def check_keys(loaded, types: dict, where: str) -> dict:
     if unknown := [key for key in loaded if key not in types]:
         raise UserError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(types)}")
     return {k: convert(k, v, types[k], where) for k, v in loaded.items()}
+
+
+def demo_args(doc: str, n: int = 0) -> list[str]:
+    """The n bare arguments of a command without options; anything else shows doc (exit 0 for --help, else 2)."""
+    if len(sys.argv) != n + 1:
+        print(doc)
+        raise SystemExit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
+    return sys.argv[1:]
 
 
 def run(main, cls: type, doc: str, argv: list[str] | None = None, positional: tuple[str, ...] = ()):

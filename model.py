@@ -477,8 +477,6 @@ if __name__ == "__main__":
     import cli
     if sys.argv[1:2] == ["convert"]:
         cli.run(convert, ConvertConfig, convert.__doc__, sys.argv[2:], positional=("src", "dst"))
-    elif sys.argv[1:]:  # the demo takes no options
-        print(__doc__)
-        raise SystemExit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
     else:
+        cli.demo_args(__doc__)  # the demo takes no options
         demo()

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import cli
 from orca2 import STRATEGIES
 
 NAMES = "Ann Bob Cid Dan Eve Fay Gus Hal Ivy Jon Kim Lea Max Ned Oli Pam Ray Sue Tom Uma".split()
@@ -138,10 +139,7 @@ def write_data(problems: list[Problem], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-    if sys.argv[1:]:
-        print(__doc__)
-        raise SystemExit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
+    cli.demo_args(__doc__)
     rng = random.Random(0)
     for p in [make_problem(rng, kind, TRAIN_SIZES) for kind in FITS]:
         print(f"\n[{p.kind}] {p.question}  (gold {p.answer}; {FITS[p.kind]})\n{solution(p)}")

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import sentencepiece as spm
 
-from cli import UserError
+from cli import UserError, read_json
 from orca2 import (BOS, CAUTIOUS_SYSTEM_MESSAGE, EOS, FOLLOWUP, IM_END, IM_START, PAD, PROMPT, SHARED_DATA, SPECIAL_IDS,
                    UNK, is_field)
 
@@ -67,15 +67,9 @@ class Tokenizer:
         model_file = path / "tokenizer.model" if path.is_dir() else path
         if not model_file.is_file():
             raise UserError(f"{model_file}: no SentencePiece model there; pass a tokenizer.model or a model folder")
-        meta = {}  # the folder's added_tokens.json and tokenizer_config.json, {} when absent
-        for file in (model_file.parent / "added_tokens.json", model_file.parent / "tokenizer_config.json"):
-            try:
-                meta[file.name] = json.loads(file.read_text()) if file.is_file() else {}
-            except (ValueError, OSError) as e:
-                raise UserError(f"{file}: not a readable JSON file ({e})") from None
-            if not isinstance(meta[file.name], dict):
-                raise UserError(f"{file}: expected a JSON object")
-        added, config = meta.values()
+        folder = model_file.parent  # its added_tokens.json and tokenizer_config.json, {} when absent
+        added, config = (read_json(f) if f.is_file() else {} for f in (folder / "added_tokens.json",
+                                                                           folder / "tokenizer_config.json"))
         pad = config.get("pad_token") or PAD
         pad = pad.get("content", PAD) if isinstance(pad, dict) else pad
         decoder = {t["content"]: int(i) for i, t in config.get("added_tokens_decoder", {}).items()}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from cli import UserError
+from cli import UserError, read_json
 
 WEIGHT_FILES = "model.safetensors.index.json model.safetensors pytorch_model.bin.index.json pytorch_model.bin".split()
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -48,7 +48,7 @@ def iter_folder(path: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
     found = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)  # safetensors before .bin
     if found is None:
         raise UserError(f"{path} holds no weights: expected one of {', '.join(WEIGHT_FILES)}")
-    weight_map = json.loads(found.read_text())["weight_map"] if found.suffix == ".json" else None
+    weight_map = read_json(found)["weight_map"] if found.suffix == ".json" else None
     files = [found] if weight_map is None else [path / f for f in dict.fromkeys(weight_map.values())]  # unique
     for f in files:
         if not f.is_file():
@@ -116,11 +116,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict, Iterator[tuple[str, torch.T
         return read_llama2c(path)
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: no config.json there; pass a Hugging Face model folder or a llama2.c .bin file")
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except ValueError as e:
-        raise UserError(f"{path / 'config.json'}: not valid JSON ({e})") from None
-    return config, iter_folder(path)
+    return read_json(path / "config.json"), iter_folder(path)
 
 
 def check_tensor(name: str, t: torch.Tensor, expected: dict[str, torch.Tensor], file: Path) -> None:
