@@ -190,10 +190,10 @@ def merge_parts(plan: dict, part_files: list[Path], cfg: DataConfig, folder: Pat
                     raise UserError(f"{error} (--skip_bad_lines=true skips and counts them)")
                 bad += [error][:5 - len(bad)]
             # an exact duplicate of an earlier example of the file is dropped (a set of ints: ~70 bytes an example)
-            hashes = r["hashes"].tolist()
-            first = {h: k for k, h in reversed(list(enumerate(hashes))) if h not in seen}  # each new hash's first row
-            new = np.array([first.get(h) == k for k, h in enumerate(hashes)], bool)
-            seen.update(first)
+            new = np.zeros(len(r["hashes"]), bool)
+            for k, h in enumerate(r["hashes"].tolist()):
+                new[k] = h not in seen
+                seen.add(h)
             lengths = r["lengths"]
             fits = lengths <= cfg.max_len  # else dropped, or truncated to its first max_len tokens
             keep = new & (fits | truncate)

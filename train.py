@@ -43,7 +43,7 @@ import tasks
 from cli import UserError
 from model import ModelArgs, Transformer, init_tensors
 from tokenizer import Tokenizer
-from weights import check_tensor, read_checkpoint, write_safetensors
+from weights import write_safetensors
 
 STORIES260K = orca2.SHARED_DATA / "tiny-llama" / "stories260K.bin"
 PREEMPTED = 75  # exit code after a checkpoint on SIGTERM / SIGUSR1: rerun the same command to continue
@@ -182,8 +182,8 @@ class Preemption(Exception):
 
 def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, mesh, dtype: torch.dtype) -> Transformer:
     if Path(cfg.model).exists():
-        config, tensors = read_checkpoint(cfg.model)
-        args = ModelArgs.from_hf_config(config, f"{cfg.model}/config.json")
+        _, ckpt, tensors = Transformer.read_checked(cfg.model)  # each tensor checked against the checkpoint's model
+        args = ckpt.args
         if vocab_size < args.vocab_size:
             raise UserError(f"the tokenizer has {vocab_size} ids but {cfg.model} has {args.vocab_size} embedding rows")
     else:
@@ -214,14 +214,12 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, mesh, d
 
 def grown(tensors, model: Transformer, ckpt_vocab: int):
     """A checkpoint's tensors; new vocabulary rows are the mean of the old ones (ORCA2.md 5.3)."""
-    expected = model.state_dict()
     extra = model.args.vocab_size - ckpt_vocab
     if extra:
         print0(f"adding {extra} vocabulary rows to embed_tokens and lm_head, initialised to the mean of the others")
-    for name, t, file in tensors:
+    for name, t in tensors:
         if extra and name in ("model.embed_tokens.weight", "lm_head.weight"):
             t = torch.cat([t.float(), t.float().mean(0, keepdim=True).expand(extra, -1)])
-        check_tensor(name, t, expected, file)
         yield name, t
 
 
@@ -245,7 +243,8 @@ def default_tokenizer(cfg: TrainConfig) -> str:
     """A folder's own tokenizer, tok<vocab>.model beside a llama2.c file (llama2.c's naming), else LLaMA-2's."""
     path = Path(cfg.model)
     if path.is_file():
-        vocab = abs(struct.unpack("7i", path.read_bytes()[:28])[5])
+        with path.open("rb") as f:  # the 28-byte header, not the whole model
+            vocab = abs(struct.unpack("7i", f.read(28).ljust(28, b"\0"))[5])
         return str(path.with_name(f"tok{vocab}.model"))
     return cfg.model if path.is_dir() else str(data.LLAMA2_TOKENIZER)
 
