@@ -7,7 +7,8 @@
 A good reply is committed to sqlite, keyed by the sha256 of (kind, model, body), the moment it arrives: a kill -9
 loses none and a rerun sends only what is missing; the key is never stored. The openai client retries 408, 409,
 429, 5xx, timeouts and lost connections; what still fails, or a 200 that breaks the protocol, is a Failure (not
-stored) that the next run retries. Any other 4xx refuses every request alike: the run stops with a UserError.
+stored) that the next run retries, as is a 400 for a prompt too long for the model's context (vLLM, OpenAI and
+llama.cpp say "context"). Any other 4xx refuses every request alike: the run stops with a UserError.
 """
 
 import asyncio
@@ -136,8 +137,8 @@ class Endpoint:
     def key_refused(self, e: openai.APIStatusError) -> str:
         return f"{self.base_url}: the key was refused (HTTP {e.status_code}); set ${self.api_key_env} to a valid key"
 
-    def run(self, requests: list[tuple[str, dict]], max_new: int = 0) -> list[Reply | Failure | None]:
-        """Replies in request order: cached ones at once, the rest sent; None for those max_new (> 0) left unsent."""
+    def run(self, requests: list[tuple[str, dict]], max_new: int | None = None) -> list[Reply | Failure | None]:
+        """Replies in request order: cached ones at once, the rest sent; None for those beyond max_new left unsent."""
         start = time.time()
         keys = [request_key(kind, self.model, body) for kind, body in requests]
         unique = dict(zip(keys, requests))  # identical requests are sent once and share one reply
@@ -151,7 +152,7 @@ class Endpoint:
         self.stats["cache_hits"] += hits
         bar = tqdm(total=len(requests), initial=hits, unit="req", desc=self.desc, disable=not self.progress)
         try:
-            asyncio.run(self.send_all(unique, missing[:max_new or None], replies, bar))
+            asyncio.run(self.send_all(unique, missing[:max_new], replies, bar))
         finally:  # Ctrl-C included: every reply put so far is committed
             bar.close()
             self.stats["seconds"] += time.time() - start
@@ -192,7 +193,8 @@ class Endpoint:
         except openai.APIStatusError as e:
             if e.status_code in (401, 403):
                 raise UserError(self.key_refused(e)) from None
-            if e.status_code < 500 and e.status_code not in (408, 409, 429):
+            too_long = e.status_code == 400 and "context" in str(e.message).lower()  # this one item: its own failure
+            if e.status_code < 500 and e.status_code not in (408, 409, 429) and not too_long:
                 token_ids = " and a token-id prompt" if isinstance(body.get("prompt"), list) else ""
                 sent = f"a {kind} request with fields {', '.join(sorted(body))}{token_ids}"
                 raise UserError(f"{url}: the server refused {sent}: {one_line(e.message, 400)}") from None

@@ -159,9 +159,8 @@ def read_tasks(files: list[str], group_by: str, limit: int) -> list[Item]:
             raise UserError(f"{path}: another task file is also named {path.stem!r}; item ids need distinct names")
         stems.add(path.stem)
         for where, number, record in records(path):
-            if not isinstance(record, dict) or fmt not in TASK_KEYS:
-                found = list(record) if isinstance(record, dict) else type(record).__name__
-                raise UserError(f"{where}: not a task record, found keys {found}; a task file has inputs and "
+            if fmt not in TASK_KEYS:  # formats.read_record gives dicts only
+                raise UserError(f"{where}: not a task record, found keys {list(record)}; a task file has inputs and "
                                 "targets (FLAN) or question and answer")
             question = record.get(TASK_KEYS[fmt][0])
             if not isinstance(question, str) or not question.strip():
@@ -198,12 +197,7 @@ def chat(instruction: str, question: str, cfg: SynthConfig) -> tuple[str, dict]:
 def send(ep: Endpoint, requests: list, desc: str, cfg: SynthConfig, endpoints: list) -> list | None:
     """ep's replies in order, or None when --max_requests runs out first (what was answered stays cached)."""
     ep.desc = desc
-    if not cfg.max_requests:
-        return ep.run(requests)
-    left = cfg.max_requests - sum(e.stats["requests"] for e in endpoints)
-    if left <= 0:  # max_new=0 would mean no limit: go on only if everything is cached
-        keys = [request_key(kind, ep.model, body) for kind, body in requests]
-        return ep.run(requests) if len(ep.cache.get_many(keys)) == len(set(keys)) else None
+    left = max(cfg.max_requests - sum(e.stats["requests"] for e in endpoints), 0) if cfg.max_requests else None
     replies = ep.run(requests, max_new=left)
     return None if any(r is None for r in replies) else replies
 

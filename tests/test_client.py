@@ -2,22 +2,20 @@
 
 import json
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
+from conftest import ROOT, free_port
 
 from cli import UserError
 from client import Endpoint, Failure, Reply
 from servers import LocalServer, chat_response, completion_response
 
-ROOT = str(Path(__file__).resolve().parents[1])
 FAST = {"retry-after-ms": "1"}  # the openai client waits what the server says, so retries take milliseconds
 
 
@@ -121,10 +119,7 @@ def test_a_malformed_200_is_a_failure_showing_what_came_back(tmp_path):
 
 
 def test_check_names_an_unreachable_url_within_seconds(tmp_path):
-    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     start = time.time()
     with pytest.raises(UserError, match=f"{url}: cannot connect"):
         Endpoint(url, "test-model", tmp_path / "cache.sqlite").check()
@@ -184,6 +179,15 @@ def test_a_refused_request_stops_the_run_with_the_servers_message(tmp_path):
             endpoint(server, tmp_path).run([chat(0)])
 
 
+def test_a_prompt_too_long_for_the_context_fails_alone(tmp_path):
+    too_long = {"error": {"message": "This model's maximum context length is 4096 tokens. However, you requested 5000"}}
+    script = Script(lambda question, attempt: (400, too_long, FAST) if question == "q3" else echo(question, attempt))
+    with LocalServer(script) as server:
+        replies = endpoint(server, tmp_path).run([chat(i) for i in range(6)])
+    assert isinstance(replies[3], Failure) and "maximum context length" in replies[3].error
+    assert [r.text for k, r in enumerate(replies) if k != 3] == [f"answer to q{i}" for i in (0, 1, 2, 4, 5)]
+
+
 KILLED_RUN = """
 import sys
 sys.path.insert(0, {root!r})
@@ -196,7 +200,7 @@ Endpoint({url!r}, "test-model", {cache!r}, concurrency=8, progress=False).run(re
 def test_kill_9_loses_no_stored_reply_and_a_rerun_sends_only_the_rest(tmp_path):
     script = Script(echo, delay_s=0.01)
     with LocalServer(script) as server:
-        code = KILLED_RUN.format(root=ROOT, url=server.base_url, cache=str(tmp_path / "cache.sqlite"))
+        code = KILLED_RUN.format(root=str(ROOT), url=server.base_url, cache=str(tmp_path / "cache.sqlite"))
         child = subprocess.Popen([sys.executable, "-c", code])
         deadline = time.time() + 30
         while sum(script.seen.values()) < 80 and child.poll() is None and time.time() < deadline:
