@@ -107,6 +107,9 @@ OPTIONS = ["Paris", "London", "Rome", "Berlin"]
     ("Paris or Rome, hard to say.", None),
     ("Answer: (E)", None),                                                # not one of the four letters
     ("I cannot determine the answer.", None),
+    ("The answer is: B", "B"),
+    ("C.", "C"),
+    ("Both (A) and (B) are wrong.", None),
 ])
 def test_extract_choice(output, expected):
     assert A.extract_answer(make_item("choice", choices=OPTIONS), output) == expected
@@ -124,6 +127,7 @@ def test_extract_choice(output, expected):
     ("We do not return to the starting point.", ("Yes", "No"), "No"),
     ("Answer: No<|im_start|>user\nAnswer: Yes", ("Yes", "No"), "No"),
     ("Answer: Yes or No", ("Yes", "No"), None),
+    ("It could be True or False.", ("True", "False"), None),              # a hedge without a cue is no answer either
     ("Answer: It depends.", ("yes", "no"), None),
     ("I cannot determine how a typical person would answer.", ("Yes", "No"), None),
 ])
@@ -159,7 +163,9 @@ def test_extract_label(output, labels, expected):
     ("Answer: one hundred and five", "105"),
     ("Answer:\n460", "460"),
     ("The total is 5 apples.\n#### 1,000", "1000"),
-    ("so 16 - 3 - 4 = 9 eggs and 9 * 2 = 18", "18"),                     # no cue: the last number
+    ("so 16 - 3 - 4 = 9 eggs and 9 * 2 = 18", "18"),
+    ("Answer: 18 dollars per day", "18"),
+    ("Final answer: 7.00 meters, found in 3 steps", "7"),                     # no cue: the last number
     ("Answer: 45 or 315", None),                                          # a hedge
     ("I'm sorry, but I cannot determine her earnings for 45 hours.", None),
 ])
