@@ -241,6 +241,9 @@ def main(cfg: EvalConfig) -> dict:
     print("evaluate config:", json.dumps(asdict(cfg)))
     if not Path(cfg.model).is_dir():
         raise UserError(f"--model={cfg.model!r}: not a folder; give the checkpoint folder (config.json, weights)")
+    if min(cfg.batch_size, cfg.concurrency) < 1 or cfg.limit < 0:
+        raise UserError(f"--batch_size and --concurrency must be at least 1, --limit at least 0: got {cfg.batch_size}, "
+                        f"{cfg.concurrency}, {cfg.limit}")
     if cfg.base_url and not cfg.served_model:
         raise UserError("--base_url needs --served_model: the name the server gives the model")
     benchmarks, systems = cfg.benchmarks.split(","), cfg.system.split(",")
@@ -252,11 +255,13 @@ def main(cfg: EvalConfig) -> dict:
     print(f"{len(items):,} items:", ", ".join(f"{b} {sum(it.benchmark == b for it in items)}" for b in benchmarks))
     tok = Tokenizer.from_pretrained(cfg.tokenizer or cfg.model)
     model = None if cfg.base_url else load_model(cfg)
-    ctx = model.args.max_seq_len if model else ModelArgs.from_hf_config(read_checkpoint(cfg.model)[0]).max_seq_len
+    args = model.args if model else ModelArgs.from_hf_config(read_checkpoint(cfg.model)[0])
+    if tok.vocab_size > args.vocab_size:  # e.g. a LLaMA-2 folder (32,000 rows) with Orca 2's tokenizer (32,003 ids)
+        raise UserError(f"the tokenizer has {tok.vocab_size} ids, {cfg.model} only {args.vocab_size}: pass its own")
     jobs = [(it, s) for s in systems for it in items]
     max_new = [new_per[it.benchmark] for it, _ in jobs]
     encoded = [tok.encode_prompt(SYSTEM_MESSAGES[s], it.prompt) for it, s in jobs]
-    fitted = [fit_context(ids, n, ctx) for ids, n in zip(encoded, max_new)]  # (ids, whether cut to fit)
+    fitted = [fit_context(ids, n, args.max_seq_len) for ids, n in zip(encoded, max_new)]  # (ids, whether cut to fit)
     prompts = [ids for ids, _ in fitted]
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,9 @@
 """evaluate.py and benchmarks.py: benchmark loading, configuration, summary and strategy profile, end-to-end runs of
 a tiny model locally and through an OpenAI-compatible server wrapping it (tests/model_server.py)."""
 
+import dataclasses
 import json
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, SHARED_DATA, free_port
 from model_server import ModelServer
 
 import benchmarks as B
@@ -353,9 +353,7 @@ def one_line_errors(*argvs: list[str]) -> list[str]:
 def test_served_user_errors_are_one_line(tiny, tmp_path):
     argv = ["--model", str(tiny), "--benchmarks", "crass", "--limit", "1", "--system", "empty", "--max_new_tokens", "8",
             "--out", str(tmp_path), "--progress", "false", "--base_url"]
-    with socket.socket() as s:  # a port nothing listens on: bound, then closed
-        s.bind(("127.0.0.1", 0))
-        gone = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    gone = f"http://127.0.0.1:{free_port()}/v1"
     refusal = {"error": {"message": "Unrecognized request argument supplied: stop_token_ids"}}  # as OpenAI's API says
     with LocalServer(lambda path, body: (400, refusal, {})) as server:
         unnamed, unreachable, refused = one_line_errors([*argv, server.base_url], [*argv, gone, "--served_model", "m"],
@@ -365,3 +363,15 @@ def test_served_user_errors_are_one_line(tiny, tmp_path):
     assert f"{server.base_url}/completions: the server refused a completions request with fields " in refused
     assert "stop_token_ids, temperature and a token-id prompt: " in refused
     assert refused.endswith("Unrecognized request argument supplied: stop_token_ids")
+
+
+def test_local_user_errors_are_one_line(tiny, tmp_path):
+    """A base LLaMA-2 folder (32,000 rows) with Orca 2's tokenizer (32,003 ids), and sizes below their minimum."""
+    base = Transformer(dataclasses.replace(ModelArgs.from_name("tiny"), vocab_size=32000))
+    base.init_weights(seed=0)
+    base.save_pretrained(tmp_path / "base")
+    argv = ["--benchmarks", "crass", "--limit", "1", "--system", "empty", "--out", str(tmp_path / "out")]
+    vocab, batch = one_line_errors(["--model", str(tmp_path / "base"), "--tokenizer", str(tiny), *argv],
+                                   ["--model", str(tiny), "--batch_size", "0", *argv])
+    assert "the tokenizer has 32003 ids" in vocab and "only 32000: pass its own" in vocab
+    assert "--batch_size and --concurrency must be at least 1, --limit at least 0: got 0, 64, 1" in batch
