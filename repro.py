@@ -59,15 +59,15 @@ class ReproConfig:
     quick: bool = False            # smoke run: few problems, one short epoch; checks the pipeline, not the claim
     out_dir: str = "out/repro"     # data, students, results.md and results.json
     data_seed: int = 1234          # the problems (training and test) are fixed by this seed, the same for all arms
-    n_train: int = 3000            # training problems (each arm sees the same ones)
-    n_test: int = 100              # held-out problems per test split
+    n_train: int = 0               # training problems (each arm sees the same ones); 0 = 3000 (240 with --quick)
+    n_test: int = 0                # held-out problems per test split; 0 = 100 (20 with --quick)
     strategies: str = "direct,step-by-step,recall-then-generate"  # synth.py's candidates, in tie-break order
     select_n: int = 20             # problems per task type answered under every candidate during selection
     # training (train.py), from stories260K
     max_len: int = 1024            # packed row length; an example is ~250-400 tokens
     global_batch: int = 2          # packed rows per optimizer step (~7 problems)
     micro_batch: int = 2           # rows per forward pass (= global_batch: no accumulation)
-    epochs: int = 2                # passes over the training problems
+    epochs: int = 0                # passes over the training problems; 0 = 2 (1 with --quick)
     lr: float = 5e-3               # peak; warmup 3% then cosine to 10% (train.py's schedule)
     # evaluation
     eval_system: str = "cautious"  # key of orca2.SYSTEM_MESSAGES used at test time ("cautious" = the erased message)
@@ -89,12 +89,10 @@ def check_config(cfg: ReproConfig) -> ReproConfig:
         raise UserError(f"--arms must be a subset of {','.join(ARMS)}; got {cfg.arms}")
     if cfg.eval_system not in orca2.SYSTEM_MESSAGES:
         raise UserError(f"--eval_system must be one of {sorted(orca2.SYSTEM_MESSAGES)}")
-    if cfg.quick:  # keep any size the user gave explicitly
-        defaults = ReproConfig()
-        small = {k: v for k, v in dict(n_train=240, n_test=20, epochs=1).items()
-                 if getattr(cfg, k) == getattr(defaults, k)}
-        cfg = dataclasses.replace(cfg, **small)
-    return cfg
+    if min(cfg.n_train, cfg.n_test, cfg.epochs) < 0:
+        raise UserError("--n_train, --n_test and --epochs must be at least 0 (0 = the default size)")
+    sizes = dict(n_train=(3000, 240), n_test=(100, 20), epochs=(2, 1))  # (full, --quick); a size given is kept
+    return dataclasses.replace(cfg, **{k: size[cfg.quick] for k, size in sizes.items() if not getattr(cfg, k)})
 
 
 # ---- the problems, and the data: direct answers, and synth.py's Orca 2 data from the served teacher ----

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, write_jsonl
 import cli
 import data
 import formats
@@ -34,11 +34,6 @@ def tok() -> Tokenizer:
 
 def cfg(tmp_path, **kw) -> DataConfig:
     return DataConfig(**{"cache_dir": str(tmp_path / "cache"), "num_workers": 1, **kw})
-
-
-def write_jsonl(path, records) -> str:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-    return str(path)
 
 
 def supervised_runs(ids, sup) -> list[list[int]]:
@@ -381,8 +376,10 @@ def test_openorca_parquet_read_in_row_group_slices_equals_jsonl(tok, tmp_path, m
     assert same_tokens(one, jsonl) and one.meta["columns"] == ["id"]
     assert column(one, "id") == [r["id"] for k, r in enumerate(rows) if k != 20] == column(jsonl, "id")
     monkeypatch.undo()  # worker processes read with the real BATCH_ROWS
-    two = data.tokenize_source(Source("p2", path), tok, cfg(tmp_path, num_workers=2), log=None)
+    said = []
+    two = data.tokenize_source(Source("p2", path), tok, cfg(tmp_path, num_workers=2), log=said.append)
     assert same_tokens(two, jsonl)  # parallel workers, each reading its own slices
+    assert any("by 2 process(es)" in line for line in said), said
     conv = Conversation(rows[1]["system_prompt"], [(rows[1]["question"], rows[1]["response"])])  # kept, not erased
     assert two.ids[two.offsets[1]:two.offsets[2]].tolist() == tok.encode_docs([data.render_segments(conv)])[0]
 

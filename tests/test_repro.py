@@ -95,6 +95,7 @@ def test_held_out_splits_are_disjoint_harder_and_fixed_by_the_seed(splits):
     for kind in ("arith", "compare"):
         seen = max(p.size for p in splits["train"] if p.kind == kind)
         assert min(p.size for p in splits[f"{kind}-hard"]) > seen
+        assert {p.size for p in splits[f"{kind}-test"]} <= set(tasks.TRAIN_SIZES[kind])
     assert {p.question for p in splits["easy-seen"]} <= train
     a, b, c = (repro.make_splits(seed, 50, 10)["train"] for seed in (1234, 1234, 7))
     assert [p.question for p in a] == [p.question for p in b] != [p.question for p in c]
@@ -150,3 +151,12 @@ def test_students_trained_side_by_side_equal_students_trained_one_after_the_othe
     n = sum(len(v) for k, v in repro.make_splits(1234, 60, 4).items() if k != "train")
     assert pa == pb and len(pa.splitlines()) == 2 * n  # every student's output for every held-out problem
     assert "[data] erased:" in (tmp_path / "b" / "erased-seed0.log").read_text()
+
+
+def test_quick_sizes_fill_only_the_sizes_not_given():
+    assert (lambda c: (c.n_train, c.n_test, c.epochs))(repro.check_config(repro.ReproConfig())) == (3000, 100, 2)
+    quick = repro.check_config(repro.ReproConfig(quick=True, epochs=2))
+    assert (quick.n_train, quick.n_test, quick.epochs) == (240, 20, 2)  # --epochs=2 kept although it is the full size
+    with pytest.raises(repro.UserError, match="--arms must be a subset"):
+        repro.check_config(repro.ReproConfig(arms="direct,copied"))
+

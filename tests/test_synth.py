@@ -3,7 +3,6 @@ teacher and student, exact outputs, kill -9 and rerun, retries and failures, the
 
 import json
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import synth
 import repro
 import tasks
 from cli import UserError
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, SHARED_DATA, free_port, write_jsonl
 from orca2 import ERASED_SYSTEM_MESSAGE, STRATEGIES, Source
 from tokenizer import Tokenizer
 
@@ -66,11 +65,6 @@ class KeyHandler(servers.Handler):
     def do_POST(self):
         self.server.respond.auth.add(self.headers.get("Authorization"))
         super().do_POST()
-
-
-def write_jsonl(path: Path, rows: list) -> str:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -348,9 +342,7 @@ def test_bad_task_and_strategy_files_are_user_errors_naming_the_place(tmp_path):
 
 def test_the_command_line_says_one_line_errors_and_a_dry_run_sends_nothing(task_files, tmp_path):
     odd = write_jsonl(tmp_path / "odd.jsonl", [{"prompt": "2+2?", "completion": "4"}])
-    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    dead = f"http://127.0.0.1:{free_port()}/v1"
     with Teacher() as teacher:
         url = teacher.server.base_url
         runs = {"layout": config(odd, url, tmp_path / "a"), "url": config(task_files, dead, tmp_path / "b"),

@@ -10,7 +10,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 import cli
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, SHARED_DATA, free_port
 from model import ModelArgs, Transformer
 
 TOK512 = SHARED_DATA / "tiny-llama" / "tok512.model"
@@ -108,12 +107,6 @@ def wait_until(condition, proc, what, timeout=120):
         assert proc.poll() is None, f"the run ended (code {proc.returncode}) before {what}"
         assert time.time() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def losses(out):
