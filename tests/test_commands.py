@@ -55,6 +55,7 @@ CONFIGS = {  # command -> (module, config class); its --help lists every field w
     "train.py": ("train", "TrainConfig"), "evaluate.py": ("evaluate", "EvalConfig"), "data.py": ("data", "ShowConfig"),
     "synth.py": ("synth", "SynthConfig"), "bench.py": ("bench", "BenchConfig"), "repro.py": ("repro", "ReproConfig"),
     "decontaminate.py": ("decontaminate", "DecontaminateConfig"), "model.py convert": ("model", "ConvertConfig"),
+    "chat.py": ("chat", "ChatConfig"),
 }
 DEMOS = ["orca2.py", "tasks.py", "tokenizer.py", "benchmarks.py", "model.py", "answers.py"]  # --help: the docstring
 
@@ -477,3 +478,27 @@ def test_help_text_shows_types_defaults_comments_and_inherited_fields():
     assert entry("beta1")[1] == "AdamW's first-moment decay"
     assert cli.field_comments(Headed)["b"] == "a heading"  # a heading above a field without a comment of its own
     assert "precision and speed" not in entry("grad_clip")[1]  # a heading is not the previous field's comment
+
+
+def test_chat_fits_its_answers_to_a_small_context(tmp_path):
+    """A stories260K-shaped model (a 512-token context) with the default --max_new_tokens=1024: an answer gets what the
+    context has left, a full context starts over, and /reset, /exit end cleanly."""
+    from model import Transformer
+    shared = ROOT.parent / "shared" / "data" / "tiny-llama"
+    Transformer.from_pretrained(shared / "stories260K.bin").save_pretrained(tmp_path / "m")
+    shutil.copy(shared / "tok512.model", tmp_path / "m" / "tokenizer.model")
+    refused = subprocess.run([sys.executable, "chat.py", f"--model={tmp_path / 'm'}"], cwd=ROOT, input="Hi\n",
+                             capture_output=True, text=True, timeout=120)  # 512 rows, 515 ids with Orca 2's three
+    assert "the tokenizer has 515 ids" in error_line(refused)
+    model = Transformer(dataclasses.replace(Transformer.from_pretrained(tmp_path / "m").args, vocab_size=515))
+    model.init_weights(seed=0)
+    model.save_pretrained(tmp_path / "m")  # the demo's export has the three rows (train.py grows the vocabulary)
+    turns = "Once upon a time\nThen what?\nAnd then?\n/reset\nHello\n/exit\n"
+    done = subprocess.run([sys.executable, "chat.py", f"--model={tmp_path / 'm'}", "--temperature=0"], cwd=ROOT,
+                          input=turns, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    turns = done.stdout.split("user> ")[1:]  # what follows each prompt: this random model never stops by itself
+    assert len(turns) == 6 and done.stdout.count("orca> ") == 4, done.stdout[-2000:]
+    assert "starting over" not in turns[0]  # the first answer gets what the context leaves (was: start over at once)
+    assert "starting over" in turns[1]  # the first answer filled the context
+
