@@ -42,7 +42,8 @@ def main(cfg: ChatConfig) -> None:
     model = Transformer.from_pretrained(cfg.model, device=device,
                                         dtype=torch.bfloat16 if device.startswith("cuda") else None).eval()
     if tok.vocab_size > model.args.vocab_size:
-        raise UserError(f"the tokenizer has {tok.vocab_size} ids, {cfg.model} only {model.args.vocab_size}: pass its own")
+        raise UserError(f"the tokenizer has {tok.vocab_size} ids, {cfg.model} only {model.args.vocab_size} rows: pass "
+                        "the model's own tokenizer")
     print(f"Chatting with {cfg.model} on {device}, {cfg.system} system message. /reset starts over, /exit quits.")
     history: list[int] = []  # token ids of the conversation so far
     while True:
