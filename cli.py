@@ -22,25 +22,20 @@ class UserError(ValueError):
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """field name -> the comment beside it plus comment lines indented below it, else the heading above it."""
+    """field name -> the comment beside it plus comment lines indented below it (a heading belongs to no field)."""
     comments: dict[str, str] = {}
     for klass in filter(dataclasses.is_dataclass, reversed(cls.__mro__)):  # parents first: a subclass's comment wins
-        own, above, heading, field, body = {}, {}, [], None, None
+        own, field, body = {}, None, None
         for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(klass)).readline):
-            text = tok.string.lstrip("#").strip()
             if tok.type == tokenize.INDENT and body is None:
                 body = tok.end[1]  # the class body's indentation: where field names start
             elif tok.type == tokenize.COMMENT and field and tok.start[1] > body:
-                own[field].append(text)  # beside the field, or a comment line indented below it
-            elif tok.type == tokenize.COMMENT and tok.start[1] == body:  # a heading ("# optimizer") for fields below
-                heading = heading + [text] if field is None else [text]  # None: the previous line was a heading
-                field = None
-            elif tok.start[1] == body and tok.type in (tokenize.NAME, tokenize.OP, tokenize.STRING):
-                field = tok.string if tok.string in klass.__dataclass_fields__ else ""  # "": a def, a docstring, ...
+                own[field].append(tok.string.lstrip("#").strip())  # beside the field, or indented below it
+            elif tok.start[1] == body and tok.type in (tokenize.NAME, tokenize.OP, tokenize.STRING, tokenize.COMMENT):
+                field = tok.string if tok.string in klass.__dataclass_fields__ else ""  # "": a heading, a def, ...
                 if field:
-                    own[field], above[field] = [], " ".join(heading)
-        texts = {name: " ".join(own[name]) or above[name] for name in own}
-        comments |= {name: text for name, text in texts.items() if text or name not in comments}
+                    own[field] = []
+        comments |= {name: " ".join(parts) for name, parts in own.items() if parts or name not in comments}
     return comments
 
 

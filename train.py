@@ -46,6 +46,7 @@ from tokenizer import Tokenizer
 from weights import write_safetensors
 
 STORIES260K = orca2.SHARED_DATA / "tiny-llama" / "stories260K.bin"
+RUN_KEYS = ("stages", "data", "model", "tokenizer", "max_len", "global_batch", "epochs", "lr", "max_steps", "seed")
 PREEMPTED = 75  # exit code after a checkpoint on SIGTERM / SIGUSR1: rerun the same command to continue
 
 # ---- config ----
@@ -414,14 +415,18 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device, mesh, p
     out_dir = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed)
     print0(f"config: {json.dumps(dataclasses.asdict(cfg), indent=1)}")
+    stages = curriculum(cfg, rank, prep_group)  # the config's stages checked first
     found = checkpoint_dirs(out_dir)  # checked before any work, and before config.json is written again
     if found and not cfg.resume:
         raise UserError(f"{out_dir} holds checkpoints of an earlier run ({found[-1].name}); continue it with "
                         "--resume=true, or start afresh in another --out_dir")
+    before = json.loads((found[-1] / "train_state.json").read_text())["config"] if found else {}
+    if changed := [k for k in RUN_KEYS if k in before and before[k] != getattr(cfg, k)]:  # would mix two runs
+        raise UserError(f"{found[-1]} was made with other {', '.join(changed)}: rerun with its settings (in its "
+                        "train_state.json) to continue it, or start afresh in another --out_dir")
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    stages = curriculum(cfg, rank, prep_group)
     tok = Tokenizer.from_pretrained(cfg.tokenizer or default_tokenizer(cfg))
     # Every stage's data first: rank 0 plans (file hashes: all ranks agree), all tokenize, rank 0 merges and packs.
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

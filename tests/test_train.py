@@ -139,6 +139,11 @@ def reference(setup):
     return out
 
 
+def test_resuming_under_other_settings_is_refused_before_any_work(setup, reference):
+    with pytest.raises(cli.UserError, match=r"ckpt-\d+ was made with other lr, max_steps: rerun with its settings"):
+        run(args_for(setup, reference, lr=1e-3, max_steps=8))
+
+
 def test_accumulation_equals_one_big_batch(setup, reference):
     out = setup / "big"
     run(args_for(setup, out, micro_batch=4))  # batch 4, no accumulation, same unequal-length examples
