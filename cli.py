@@ -101,16 +101,12 @@ def parse(cls: type, argv: list[str], doc: str = "", positional: tuple[str, ...]
         if raw is None or (not eq and raw.startswith("--")):
             raise UserError(f"command line: --{key} needs a value (--{key}=VALUE or --{key} VALUE)")
         if key == "config":
-            values.update(read_config_file(raw, types))
+            values.update(check_keys(read_json(raw, "--config "), types, raw))
         else:
             values[key] = convert(f"--{key}", raw, types[key], "command line")
     if [name for name in free if name not in values]:  # a positional may also come as --name=VALUE
         raise UserError(f"command line: missing argument(s): {', '.join(free)} (see --help)")
     return cls(**values)
-
-
-def read_config_file(path: str, types: dict) -> dict:
-    return check_keys(read_json(path, "--config "), types, path)
 
 
 def read_json(path: str | Path, where: str = "") -> dict:

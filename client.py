@@ -7,8 +7,8 @@
 A good reply is committed to sqlite, keyed by the sha256 of (kind, model, body), the moment it arrives: a kill -9
 loses none and a rerun sends only what is missing; the key is never stored. The openai client retries 408, 409,
 429, 5xx, timeouts and lost connections; what still fails, or a 200 that breaks the protocol, is a Failure (not
-stored) that the next run retries, as is a 400 for a prompt too long for the model's context (vLLM, OpenAI and
-llama.cpp say "context"). Any other 4xx refuses every request alike: the run stops with a UserError.
+stored) that the next run retries; so is a 4xx (a prompt too long, a content filter), unless the first requests of
+an endpoint that never answered are all refused: then the run stops with a UserError naming what was refused.
 """
 
 import asyncio
@@ -160,7 +160,7 @@ class Endpoint:
 
     async def send_all(self, unique: dict, todo: list[str], replies: dict, bar: tqdm) -> None:
         """Send the todo requests, at most concurrency at once, caching each good reply as it arrives."""
-        pending = iter(todo)  # shared by the workers: each takes the next request as soon as it is free
+        pending, self.todo, self.refused = iter(todo), len(todo), 0  # pending: each worker takes the next one
 
         async def worker(client: openai.AsyncOpenAI) -> None:
             for key in pending:
@@ -193,12 +193,14 @@ class Endpoint:
         except openai.APIStatusError as e:
             if e.status_code in (401, 403):
                 raise UserError(self.key_refused(e)) from None
-            too_long = e.status_code == 400 and "context" in str(e.message).lower()  # this one item: its own failure
-            if e.status_code < 500 and e.status_code not in (408, 409, 429) and not too_long:
+            refused = e.status_code < 500 and e.status_code not in (408, 409, 429)
+            self.refused += refused  # 3 refusals (or all, when fewer are sent) before any answer: it refuses them all
+            never = not self.stats["cache_hits"] and self.stats["requests"] == self.stats["failures"]
+            if refused and never and self.refused >= min(3, self.todo):
                 token_ids = " and a token-id prompt" if isinstance(body.get("prompt"), list) else ""
                 sent = f"a {kind} request with fields {', '.join(sorted(body))}{token_ids}"
                 raise UserError(f"{url}: the server refused {sent}: {one_line(e.message, 400)}") from None
-            return Failure(f"{url}: HTTP {e.status_code} after retries: {one_line(e.message)}")
+            return Failure(f"{url}: HTTP {e.status_code}{'' if refused else ' after retries'}: {one_line(e.message)}")
         except openai.APIConnectionError as e:
             return Failure(f"{url}: {e.message} {one_line(e.__cause__ or '')} after retries")
         try:

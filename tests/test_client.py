@@ -179,13 +179,20 @@ def test_a_refused_request_stops_the_run_with_the_servers_message(tmp_path):
             endpoint(server, tmp_path).run([chat(0)])
 
 
-def test_a_prompt_too_long_for_the_context_fails_alone(tmp_path):
+@pytest.mark.parametrize("first", [0, 3])  # the refused item first (before any answer) or after some
+def test_an_item_the_server_refuses_fails_alone(tmp_path, first):
     too_long = {"error": {"message": "This model's maximum context length is 4096 tokens. However, you requested 5000"}}
-    script = Script(lambda question, attempt: (400, too_long, FAST) if question == "q3" else echo(question, attempt))
+    flagged = {"error": {"message": "Invalid prompt: your prompt was flagged as potentially violating our policy."}}
+    refuse = {f"q{first}": too_long, "q7": flagged}
+    script = Script(lambda q, attempt: (400, refuse[q], FAST) if q in refuse else echo(q, attempt))
     with LocalServer(script) as server:
-        replies = endpoint(server, tmp_path).run([chat(i) for i in range(6)])
-    assert isinstance(replies[3], Failure) and "maximum context length" in replies[3].error
-    assert [r.text for k, r in enumerate(replies) if k != 3] == [f"answer to q{i}" for i in (0, 1, 2, 4, 5)]
+        ep = endpoint(server, tmp_path)
+        replies = ep.run([chat(i) for i in range(10)])
+    assert isinstance(replies[first], Failure) and "HTTP 400: " in replies[first].error
+    assert "This model's maximum context length" in replies[first].error
+    assert isinstance(replies[7], Failure) and "flagged" in replies[7].error and ep.stats["failures"] == 2
+    assert [r.text for k, r in enumerate(replies) if k not in (first, 7)] == \
+        [f"answer to q{i}" for i in range(10) if i not in (first, 7)]
 
 
 KILLED_RUN = """
